@@ -1,0 +1,49 @@
+"""A preallocated key/value cache, written by slot index.
+
+Generation fills it in two moves: `prefill` writes the whole prompt (slots 0..T-1) at once, then each
+decode step writes one token at the next slot. Nothing is reallocated or concatenated on the way.
+
+Slots are shared by the batch: with left padding every row's prompt ends at the same slot, so the
+row-specific facts live beside the tensors: which slots hold a real token (`valid`) and which belong
+to the bidirectional prefix (`is_prefix`). RoPE positions are per row and never stored: keys are
+cached already rotated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TextConfig
+
+
+class KVCache:
+    def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of "
+                             f"{config.max_position_embeddings} tokens")
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.is_prefix = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.length = 0  # slots 0..length-1 are filled
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    def reserve(self, num_tokens: int, valid: torch.Tensor, is_prefix: torch.Tensor) -> torch.Tensor:
+        """Claim the next `num_tokens` slots for tokens with the given (B, T) flags; returns the slots (T,)."""
+        if self.length + num_tokens > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {num_tokens} tokens > {self.max_len} slots")
+        slots = torch.arange(self.length, self.length + num_tokens, device=self.valid.device)
+        self.valid[:, slots] = valid
+        self.is_prefix[:, slots] = is_prefix
+        self.length += num_tokens
+        return slots
+
+    def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, KV, T, hd) keys/values at `slots`; return all filled slots (B, KV, length, hd)."""
+        self.keys[layer_idx].index_copy_(2, slots, k)
+        self.values[layer_idx].index_copy_(2, slots, v)
+        return self.keys[layer_idx][:, :, :self.length], self.values[layer_idx][:, :, :self.length]

@@ -1,0 +1,221 @@
+"""Load and save PaliGemma checkpoints in Hugging Face layout (config.json + safetensors).
+
+Loading builds the model on the meta device (no memory), then assigns each tensor as it is read
+from the memory-mapped safetensors files, so peak memory stays near one copy of the weights.
+It is strict: every parameter must be filled and every tensor in the files used, with the right
+shape, or the error names the offenders. Pickle checkpoints (.bin/.pt) are refused: unpickling
+runs arbitrary code.
+
+Key layouts understood (all map onto our parameter names by prefix):
+
+| writer | vision | decoder | LM head |
+|---|---|---|---|
+| transformers 4.x (the Hub's) | vision_tower.vision_model.* | language_model.model.* | language_model.lm_head.* |
+| transformers 5.x files | vision_tower.* | language_model.* | lm_head.* |
+| transformers 5.x in memory | model.vision_tower.* | model.language_model.* | lm_head.* |
+| ours (= 4.x, for compatibility) | | | |
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PaliGemmaConfig
+from .hub import CheckpointError, resolve_checkpoint
+from .model import PaliGemma
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Checkpoint key prefix -> our prefix, tried in order on each key.
+_KEY_RULES = [
+    (re.compile(r"^model\."), ""),  # 5.x in-memory names: model.vision_tower..., model.language_model...
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+    (re.compile(r"^language_model\.model\."), "language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+]
+
+
+def canonical_key(key: str) -> str:
+    """Map a checkpoint tensor name from any supported layout to our parameter name."""
+    for pattern, replacement in _KEY_RULES:
+        key = pattern.sub(replacement, key, count=1)
+    return key
+
+
+def hub_key(name: str) -> str:
+    """Our parameter name -> the transformers 4.x / Hub name that every transformers version reads."""
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower."):]
+    if name.startswith("language_model."):
+        return "language_model.model." + name[len("language_model."):]
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    return name
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> PaliGemma:
+    """Load a PaliGemma checkpoint directory (or Hub repo id) in HF layout, in eval mode.
+
+    dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in).
+    """
+    directory = resolve_checkpoint(path)
+    config = PaliGemmaConfig.from_json_file(directory / "config.json")
+    files = checkpoint_files(directory)
+    with torch.device("meta"):
+        model = PaliGemma(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    tied_head = config.tie_word_embeddings
+
+    sources = _tensor_sources(files, expected, tied_head)  # our name -> (file, checkpoint key)
+    if dtype is None:
+        dtype = _majority_dtype(sources)
+    state = {}
+    for file, names in _group_by_file(sources).items():
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            for name, key in names:
+                state[name] = handle.get_tensor(key).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, checking the index and refusing pickles."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r}); re-download the checkpoint") from None
+        pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            raise CheckpointError(_pickle_message(directory, pickles))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{directory} is missing shard(s) {missing} listed in {INDEX_FILE}; "
+                                  "the download is incomplete: fetch the checkpoint again")
+        return [directory / n for n in names]
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    found = sorted(directory.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(_pickle_message(directory, pickles))
+    if found:
+        raise CheckpointError(f"{directory} has several .safetensors files but no {INDEX_FILE} saying which "
+                              "belong to the model")
+    raise CheckpointError(f"{directory} holds no model weights: expected {SINGLE_FILE} or shards with {INDEX_FILE}")
+
+
+def _pickle_message(directory: Path, names: list[str]) -> str:
+    return (f"{directory} stores weights as pickle files ({', '.join(names)}); they are refused because loading "
+            "a pickle can run arbitrary code. Convert them to safetensors in a trusted environment, e.g. "
+            "transformers' `model.save_pretrained(dir, safe_serialization=True)`")
+
+
+def _tensor_sources(files: list[Path], expected: dict[str, tuple], tied_head: bool) -> dict:
+    """Match every checkpoint tensor to a parameter; raise naming missing, unexpected and mis-shaped ones."""
+    sources, unexpected, misshaped = {}, [], []
+    for file in files:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as err:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({err}); re-download it") from None
+        with handle:
+            for key in handle.keys():
+                name = canonical_key(key)
+                if name == "lm_head.weight" and tied_head:
+                    continue  # a stored copy of the tied head: the embedding table is the head
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != expected[name]:
+                    misshaped.append(f"{key}: checkpoint {shape} vs model {expected[name]}")
+                if name in sources:
+                    unexpected.append(f"{key} (duplicate of {sources[name][1]})")
+                dtype = handle.get_slice(key).get_dtype()
+                sources[name] = (file, key, dtype, _numel(shape))
+    missing = sorted(set(expected) - set(sources))
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json (" + "; ".join(problems) + ")")
+    return sources
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _majority_dtype(sources: dict) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's parameters."""
+    counts = Counter()
+    for _, _, dtype, numel in sources.values():
+        counts[dtype] += numel
+    name = counts.most_common(1)[0][0]
+    if name not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"checkpoint weights are stored as {name}; expected a floating-point dtype")
+    return _SAFETENSORS_DTYPES[name]
+
+
+def _group_by_file(sources: dict) -> dict[Path, list[tuple[str, str]]]:
+    grouped: dict[Path, list[tuple[str, str]]] = {}
+    for name, (file, key, _, _) in sources.items():
+        grouped.setdefault(file, []).append((name, key))
+    return grouped
+
+
+def save_model(model: PaliGemma, directory: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """config.json + model.safetensors (or shards and an index past `max_shard_bytes`), Hub key layout."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = dtype_name
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    tensors = {hub_key(name): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    shards: list[dict] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE_FILE, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / name, metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
