@@ -79,7 +79,7 @@ class TextConfig:
     max_position_embeddings: int = 8192
     hidden_act: str = "gelu_pytorch_tanh"
     # Gemma 2 only (None for Gemma 1). Defaults are filled in by family in __post_init__.
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: int | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
@@ -185,6 +185,10 @@ class PaliGemmaConfig:
                 text_raw.setdefault("rope_theta", rope["rope_theta"])
         text_required = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                          "num_attention_heads", "num_key_value_heads"]
+        if text_raw.get("model_type") == "gemma2":
+            # Absent means Gemma2Config's default; an explicit null switches the feature off, as in transformers.
+            for key, default in _GEMMA2_DEFAULTS.items():
+                text_raw.setdefault(key, default)
         text = TextConfig(**_pick(text_raw, TextConfig, text_required, "text_config."))
 
         vision_raw = dict(vision_raw)
@@ -271,6 +275,9 @@ class PaliGemmaConfig:
         vision = VisionConfig(image_size=resolution)
         return cls(vision=vision, text=text)
 
+
+_GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                    "sliding_window": 4096}
 
 # Decoder shapes of the released checkpoints (REFERENCE.md, "Released configurations").
 _VOCAB = 257216
