@@ -59,7 +59,8 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if isinstance(text, str) and text.startswith(("http://", "https://", "data:")):
-            raise ImageError(f"{text[:60]!r} is a URL; images are not downloaded: fetch it and pass the bytes or a path")
+            raise ImageError(f"{text[:60]!r} is a URL; images are not downloaded: fetch it and pass the bytes "
+                             "or a path")
         path = Path(text)
         if not path.is_file():
             raise ImageError(f"image file {str(path)!r} does not exist or is not a file")
@@ -98,7 +99,8 @@ class ImageProcessor:
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
         if int(self.resample) not in {int(r) for r in Image.Resampling}:
-            raise ValueError(f"resample {self.resample} is not a PIL resampling filter (0-5; PaliGemma uses 3, bicubic)")
+            raise ValueError(f"resample {self.resample} is not a PIL resampling filter (0-5; PaliGemma uses 3, "
+                             "bicubic)")
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} needs 3 values (one per RGB channel), got {getattr(self, name)}")
@@ -154,7 +156,7 @@ class ImageProcessor:
 
     def __call__(self, images: Sequence[ImageInput]) -> PreprocessedImages:
         """Load and preprocess a list of images into one (N, 3, H, W) float32 batch."""
-        if isinstance(images, (Image.Image, np.ndarray, str, bytes, os.PathLike)):
+        if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:
             raise ImageError("no images given")
