@@ -6,16 +6,17 @@ Each sample is laid out as
     token_type_ids:   0 ...                                0  | 1 ...      1
     labels:        -100 ...                             -100  | suffix ids, eos
 
-exactly as transformers 5.23 builds it (it tokenizes `bos + prompt + "\\n"` as one string, so does
-this). The ids are identical to transformers' for the same tokenizer files; only the padding side
-is chosen here rather than taken from the tokenizer:
+exactly as transformers 5.23 builds it. transformers tokenizes `"<bos>" + prompt + "\\n"` as one
+string; here the prompt and its "\\n" are encoded together too, so the pieces agree even when the
+prompt ends in whitespace. The ids are identical to transformers' for the same tokenizer files;
+only the padding side is chosen here rather than taken from the tokenizer:
 
 - without suffixes (generation) batches are LEFT-padded, so every prompt ends at the last column
-  and generated tokens line up. transformers pads on the tokenizer's `padding_side`: "left" for
-  `GemmaTokenizer`, "right" for the generic tokenizer it builds when a checkpoint has no
-  tokenizer_config.json; pass `padding_side="left"` to it to compare.
-- with suffixes (training) batches are RIGHT-padded: every sample starts at position 0, and pads
-  come after the last label, where causal attention never lets real tokens see them.
+  and generated tokens line up. transformers pads on the tokenizer's `padding_side`, "left" for
+  `GemmaTokenizer` (the hub checkpoints' tokenizer_config.json names it). Without that file,
+  AutoTokenizer builds a generic tokenizer with padding_side "right" and no pad token at all.
+- with suffixes (training) batches are RIGHT-padded: every sample starts at position 0 and the
+  pads trail the last label, so positions need no offsets.
 
 Pads are `pad_id` with attention_mask 0, token_type_ids 0 and labels -100.
 """

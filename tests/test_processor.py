@@ -78,13 +78,14 @@ SUFFIXES = ["a red circle and a blue square", "<loc0010><loc0020><loc0300><loc04
 
 def test_batch_is_left_padded_and_matches_hf(processor_checkpoint_factory, hf_processor_factory, photos):
     processor = load_processor(processor_checkpoint_factory(28))
+    hf = hf_processor_factory(28)
     ours = processor(photos, PROMPTS)
-    assert_same(ours, hf_batch(processor_hf := hf_processor_factory(28), photos, PROMPTS), with_labels=False)
+    assert_same(ours, hf_batch(hf, photos, PROMPTS), with_labels=False)
     lengths = ours["attention_mask"].sum(1)
     assert lengths.unique().numel() > 1  # the prompts really differ in length
     assert (ours["attention_mask"][:, -1] == 1).all()  # left padding: every prompt ends in the last column
     assert ours.original_sizes == [[(512, 512)], [(512, 512)], [(600, 400)], [(451, 300)]]
-    assert processor_hf.tokenizer.padding_side == "left"  # GemmaTokenizer's own default
+    assert hf.tokenizer.padding_side == "left"  # GemmaTokenizer's own default
 
 
 def test_suffixes_are_right_padded_and_match_hf(processor_checkpoint_factory, hf_processor_factory, photos):
