@@ -6,14 +6,21 @@
                 token_type_ids=token_type_ids, labels=labels)
 """
 
-from .config import ConfigError, PaliGemmaConfig, TextConfig, VisionConfig, PRESETS
+from .config import PRESETS, ConfigError, PaliGemmaConfig, TextConfig, VisionConfig
+from .generation import GenerationResult, StreamEvent, generate, generate_detailed, stream_generate
 from .hub import CheckpointError
+from .images import ImageError, ImageProcessor, load_image
 from .kv_cache import KVCache
 from .model import PaliGemma, PaliGemmaOutput
+from .processor import Processor, ProcessorOutput, load_processor
+from .spm_builder import build_paligemma_spm
+from .tokenizer import Tokenizer, TokenizerError
 from .weights import load_model, save_model
 
 __all__ = [
-    "CheckpointError", "ConfigError", "KVCache", "PRESETS", "PaliGemma", "PaliGemmaConfig", "PaliGemmaOutput",
-    "TextConfig", "VisionConfig", "load_model", "save_model",
+    "CheckpointError", "ConfigError", "GenerationResult", "ImageError", "ImageProcessor", "KVCache", "PRESETS",
+    "PaliGemma", "PaliGemmaConfig", "PaliGemmaOutput", "Processor", "ProcessorOutput", "StreamEvent", "TextConfig",
+    "Tokenizer", "TokenizerError", "VisionConfig", "build_paligemma_spm", "generate", "generate_detailed",
+    "load_image", "load_model", "load_processor", "save_model", "stream_generate",
 ]
 __version__ = "0.1.0"

@@ -78,11 +78,7 @@ class PaliGemma(nn.Module):
         images first. Only text is scaled, matching big_vision and transformers 5.x.
         """
         image_positions = input_ids == self.config.image_token_index  # (B, T)
-        table = self.language_model.embed_tokens
-        ids = input_ids.masked_fill(image_positions, self.config.pad_token_id)
-        # transformers casts the scale to the weight dtype first: sqrt(2048) is 45.25 in bfloat16.
-        scale = torch.tensor(math.sqrt(self.config.text.hidden_size), dtype=table.weight.dtype)
-        embeds = table(ids) * scale
+        embeds = self.embed_text(input_ids.masked_fill(image_positions, self.config.pad_token_id))
         num_image_tokens = int(image_positions.sum())
         if image_features is None:
             if num_image_tokens:
@@ -94,6 +90,12 @@ class PaliGemma(nn.Module):
             raise ValueError(f"input_ids hold {per_row.tolist()} <image> tokens per row, but {image_features.shape[0]} "
                              f"image(s) of {n} tokens each were given: every image needs exactly {n} <image> tokens")
         return embeds.masked_scatter(image_positions[..., None], image_features.to(embeds.dtype))
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, D) scaled by sqrt(D); no image handling."""
+        table = self.language_model.embed_tokens
+        # transformers casts the scale to the weight dtype first: sqrt(2048) is 45.25 in bfloat16.
+        return table(input_ids) * torch.tensor(math.sqrt(self.config.text.hidden_size), dtype=table.weight.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., D) -> logits (..., V), soft-capped for Gemma 2."""
@@ -171,7 +173,7 @@ class PaliGemma(nn.Module):
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new suffix token per row, tokens (B,) at RoPE positions (B,); returns logits (B, V)."""
-        embeds = self.embed(tokens[:, None])
+        embeds = self.embed_text(tokens[:, None])  # a sampled <image> id is just a token here, as in transformers
         ones = torch.ones_like(tokens[:, None], dtype=torch.bool)
         hidden = self.decode(embeds, positions[:, None], ones, ~ones, cache)
         return self.logits(hidden[:, 0])

@@ -38,12 +38,14 @@ TINY_CONFIGS = {
 }
 
 
-def hf_reference(config: PaliGemmaConfig, seed: int = 0):
+def hf_reference(config: PaliGemmaConfig, seed: int = 0, lively: bool = False):
     """transformers' PaliGemmaForConditionalGeneration for `config`, randomly initialised, eager attention.
 
     Norm weights are randomised too (transformers starts them at zero, which would hide a missing
     "1 +" or a norm applied in the wrong place), and query/key weights enlarged so attention logits
-    reach the range where soft-capping changes them.
+    reach the range where soft-capping changes them. `lively` shrinks the embedding and enlarges the
+    decoder's other matrices, so that greedy decoding does not just repeat one token forever (a
+    random tied-embedding model otherwise echoes its input), which would make generation tests weak.
     """
     from transformers import PaliGemmaConfig as HFConfig
     from transformers import PaliGemmaForConditionalGeneration
@@ -62,12 +64,17 @@ def hf_reference(config: PaliGemmaConfig, seed: int = 0):
                 param.normal_(0.0, 0.5)
             elif "q_proj" in name or "k_proj" in name:
                 param.normal_(0.0, 0.35)  # large attention logits, so Gemma 2's soft-cap really bites
+            if lively and "language_model" in name:
+                if "embed_tokens" in name:
+                    param.normal_(0.0, 0.05)
+                elif any(k in name for k in ("o_proj", "v_proj", "gate_proj", "up_proj", "down_proj")):
+                    param.normal_(0.0, 0.3)
     return model
 
 
-def write_hf_checkpoint(config: PaliGemmaConfig, directory, seed: int = 0):
+def write_hf_checkpoint(config: PaliGemmaConfig, directory, seed: int = 0, lively: bool = False):
     """Save a random reference model to `directory`; returns the reference model."""
-    model = hf_reference(config, seed)
+    model = hf_reference(config, seed, lively)
     model.save_pretrained(directory)
     return model
 
