@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention_mask import prefix_lm_mask
 from .config import PaliGemmaConfig
-from .gemma import GemmaDecoder, soft_cap
+from .gemma import GemmaDecoder, RMSNorm, soft_cap
 from .kv_cache import KVCache
 from .siglip import SiglipVisionTower
 
@@ -66,6 +66,24 @@ class PaliGemma(nn.Module):
     def num_parameters(self) -> int:
         """Parameter count, the tied LM head counted once (as transformers counts it)."""
         return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "PaliGemma":
+        """Fresh weights for training from scratch: N(0, std) matrices and embeddings, zero biases,
+        LayerNorms at identity, RMSNorm weights 0 (their scale is 1 + w). PyTorch's defaults would
+        give the embedding N(0, 1), which times sqrt(D) swamps everything else."""
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.zero_()
+        return self
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(num_images, 3, H, W) -> projected image features (num_images, N, D). Not scaled by sqrt(D)."""
