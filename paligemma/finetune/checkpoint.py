@@ -1,0 +1,130 @@
+"""Training checkpoints: a complete HF-layout model folder plus the state needed to resume exactly.
+
+    out/checkpoint-STEP/
+        config.json, model.safetensors        the (merged) weights: load_model / transformers read it
+        tokenizer.model, preprocessor_config.json, ...   copied from the base model folder
+        adapter_config.json, adapter_model.safetensors   LoRA runs only (peft's format)
+        trainer_state.json                     step, data position, schedule, RNG states, config
+        optimizer.safetensors                  AdamW moments and step counts, torch RNG state
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON, so resuming from a
+checkpoint of unknown origin cannot run code. A checkpoint is written to a temporary folder and
+renamed into place, so a crash mid-save never leaves a half checkpoint that `--resume` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model import PaliGemma
+from ..weights import load_model
+from . import lora
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+# Files of a checkpoint folder besides the weights, copied so the folder loads on its own.
+PROCESSOR_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+                   "generation_config.json", "chat_template.json")
+
+
+def save_model_folder(model: PaliGemma, directory: Path, model_dir: str | Path | None) -> None:
+    """Weights (adapters merged) in HF layout, the adapters themselves for LoRA, and the processor files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if lora.has_lora(model):
+        lora.save_adapter(model, directory)
+        lora.merge_lora(model).save_pretrained(directory)
+    else:
+        model.save_pretrained(directory)
+    if model_dir is not None:
+        for name in PROCESSOR_FILES:
+            source = Path(model_dir) / name
+            if source.is_file():
+                shutil.copy2(source, directory / name)
+
+
+def save_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Optimizer, state: dict,
+                    model_dir: str | Path | None) -> None:
+    """Write a resumable checkpoint (see the module docstring) atomically into `directory`."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(model, tmp, model_dir)
+    tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, tmp / OPTIMIZER_FILE)
+    state = dict(state, optimizer_param_groups=groups, rng=_python_numpy_rng())
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The `checkpoint-STEP` folder with the highest STEP that holds a trainer state, if any."""
+    found = []
+    for path in Path(out_dir).glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights (or adapters), optimizer and RNG states from `directory`; return its trainer state."""
+    directory = Path(directory)
+    state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+    if lora.has_lora(model):
+        lora.load_adapter(model, directory)
+    else:
+        saved = load_model(directory, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+    tensors = load_file(directory / OPTIMIZER_FILE)
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer_param_groups"]))
+    _restore_python_numpy_rng(state["rng"])
+    return state
+
+
+# ---------------------------------------------------------------------- optimizer state <-> tensors + JSON
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """{'state': {i: {name: tensor}}, 'param_groups': [...]} -> ({'optim.i.name': tensor}, JSON-able groups)."""
+    tensors = {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+              for group in state_dict["param_groups"]]
+    return tensors, groups
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in groups]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------- RNG states as JSON
+
+def _python_numpy_rng() -> dict:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _restore_python_numpy_rng(saved: dict) -> None:
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
