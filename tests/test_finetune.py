@@ -233,3 +233,134 @@ def test_dataset_from_python_rows_and_relative_paths(jsonl_dir, processor):
         FinetuneDataset([rows(1)[0], {"image": "x"}], strict=True)
     batch = Collator(processor)([dataset[0], dataset[1]])
     assert batch["pixel_values"].shape == (2, 3, 28, 28) and (batch["labels"] != -100).any()
+
+
+# ---------------------------------------------------------------------- resume
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, base_dir, processor, lora_rank):
+    # 8 rows, micro-batch 2, accumulation 2: steps 4-6 cross an epoch boundary after the resume.
+    # LoRA dropout makes the run depend on the torch RNG, so its restoration is checked too.
+    settings = dict(steps=6, batch_size=2, grad_accum=2, save_every=3, lr=3e-3, lora_rank=lora_rank,
+                    lora_dropout=0.2 if lora_rank else 0.0, model_dir=str(base_dir))
+    whole_model = fresh_model(base_dir)
+    whole = train(whole_model, processor, rows(8), config(tmp_path / "whole", **settings))
+
+    def crash_after_step_4(record):
+        if record.get("step") == 4:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(fresh_model(base_dir), processor, rows(8), config(tmp_path / "cut", **settings),
+              on_log=crash_after_step_4)
+    assert {p.name for p in (tmp_path / "cut" / "out").glob("checkpoint-*")} == {"checkpoint-3"}
+    resumed_model = fresh_model(base_dir)
+    resumed = train(resumed_model, processor, rows(8), config(tmp_path / "cut", resume=True, **settings))
+    assert resumed.losses == whole.losses[3:]
+    for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    metrics = [json.loads(line) for line in (tmp_path / "cut" / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == list(range(1, 7))  # the interrupted run's step 4 was replaced
+    state = json.loads((tmp_path / "cut" / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["micro_batches"] == 6 and state["epoch"] == 1.5
+
+
+# ---------------------------------------------------------------------- LoRA
+
+def test_lora_trains_adapters_only_and_merges_to_the_same_logits(tmp_path, base_dir, processor):
+    model = fresh_model(base_dir)
+    base_state = {name: t.clone() for name, t in model.state_dict().items()}
+    summary = train(model, processor, rows(4), config(tmp_path, steps=20, lr=3e-2, lora_rank=4,
+                                                       model_dir=str(base_dir)))
+    assert summary.final_loss < summary.losses[0] - 1.5  # learning (adapters start at B = 0: slowly)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n and n.startswith("language_model.layers.") for n in trained)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trained} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for name, tensor in model.state_dict().items():  # base weights untouched
+        if ".lora_" not in name:
+            assert torch.equal(tensor, base_state[name.replace(".base_layer.", ".")]), name
+
+    batch = Collator(processor)(FinetuneDataset(rows(4)).examples)
+    model.eval()
+    merged = merge_lora(model).eval()
+    assert type(merged) is paligemma.PaliGemma and not any(".lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+    # Adapters alone, in peft's layout, re-applied to a fresh base: same logits.
+    save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["r"] == 4
+    from safetensors import safe_open
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as handle:
+        keys = list(handle.keys())
+    assert "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    restored = load_adapter(fresh_model(base_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(**batch).logits, expected, rtol=0, atol=0)
+
+    # final/ holds the merged model (loadable by us and transformers) and the adapter files.
+    final = tmp_path / "out" / "final"
+    assert (final / "adapter" / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(paligemma.load_model(final)(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        from transformers import PaliGemmaForConditionalGeneration
+        hf = PaliGemmaForConditionalGeneration.from_pretrained(final, attn_implementation="eager").eval()
+        real = batch["attention_mask"].bool()  # padded positions' logits are arbitrary in both
+        torch.testing.assert_close(hf(**batch).logits[real], expected[real], rtol=1e-4, atol=1e-4)
+        # peft itself applies the saved adapter to transformers' base model: the files are interchangeable.
+        from peft import PeftModel
+        base = PaliGemmaForConditionalGeneration.from_pretrained(base_dir, attn_implementation="eager")
+        with_adapter = PeftModel.from_pretrained(base, final / "adapter").eval()
+        torch.testing.assert_close(with_adapter(**batch).logits[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- several processes, the CLI
+
+def _cli_args(base_dir, jsonl_dir, out, *extra):
+    return ["--model", str(base_dir), "--data", str(jsonl_dir / "train.jsonl"), "--out", str(out), "--steps", "3",
+            "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "1", "--weight-decay", "0.1",
+            "--freeze", "vision", "--no-progress", *extra]  # vision frozen: see test_accumulation_equals_one_big_batch
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, base_dir, processor, jsonl_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from paligemma.finetune.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "paligemma.finetune.cli", *_cli_args(base_dir, jsonl_dir, tmp_path / "two")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(_cli_args(base_dir, jsonl_dir, tmp_path / "one")) == 0
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "two")) == 3
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
+    one, two = paligemma.load_model(tmp_path / "one" / "final"), paligemma.load_model(tmp_path / "two" / "final")
+    # Gradients are summed in another order across processes; Adam turns the rounding of near-zero
+    # entries into differences well below 1% of one update (lr 3e-3).
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-5, msg=name)
+
+
+def test_cli_reports_bad_data_and_unsupported_options(tmp_path, base_dir, capsys):
+    from paligemma.finetune.cli import main
+
+    (tmp_path / "bad.jsonl").write_text('{"image": "nope.png", "prefix": "p", "suffix": "s"}\n')
+    code = main(["--model", str(base_dir), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o"),
+                 "--strict", "--no-progress"])
+    assert code == 1 and "bad.jsonl:1: image" in capsys.readouterr().err

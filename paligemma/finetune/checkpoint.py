@@ -3,7 +3,9 @@
     out/checkpoint-STEP/
         config.json, model.safetensors        the (merged) weights: load_model / transformers read it
         tokenizer.model, preprocessor_config.json, ...   copied from the base model folder
-        adapter_config.json, adapter_model.safetensors   LoRA runs only (peft's format)
+        adapter/adapter_config.json, adapter/adapter_model.safetensors   LoRA runs only (peft's format;
+                                               in a subfolder: transformers would apply adapter files found
+                                               next to the weights a second time)
         trainer_state.json                     step, data position, schedule, RNG states, config
         optimizer.safetensors                  AdamW moments and step counts, torch RNG state
 
@@ -29,6 +31,7 @@ from . import lora
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+ADAPTER_DIR = "adapter"
 # Files of a checkpoint folder besides the weights, copied so the folder loads on its own.
 PROCESSOR_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "preprocessor_config.json", "processor_config.json",
@@ -39,7 +42,7 @@ def save_model_folder(model: PaliGemma, directory: Path, model_dir: str | Path |
     """Weights (adapters merged) in HF layout, the adapters themselves for LoRA, and the processor files."""
     directory.mkdir(parents=True, exist_ok=True)
     if lora.has_lora(model):
-        lora.save_adapter(model, directory)
+        lora.save_adapter(model, directory / ADAPTER_DIR)
         lora.merge_lora(model).save_pretrained(directory)
     else:
         model.save_pretrained(directory)
@@ -80,7 +83,7 @@ def load_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Op
     directory = Path(directory)
     state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
     if lora.has_lora(model):
-        lora.load_adapter(model, directory)
+        lora.load_adapter(model, directory / ADAPTER_DIR)
     else:
         saved = load_model(directory, dtype=model.dtype)
         model.load_state_dict(saved.state_dict(), strict=True)

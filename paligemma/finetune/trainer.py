@@ -138,8 +138,11 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     sampler = MicroBatchSampler(len(train_set), config.batch_size, config.seed, config.shuffle,
                                 start=start_step * config.grad_accum, stop=total_steps * config.grad_accum,
                                 lo=lo, hi=hi)
+    # Its own generator: a DataLoader otherwise draws a seed from the global RNG when iterated,
+    # which would shift a resumed run's random stream (e.g. LoRA dropout) by one draw.
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
-                                         collate_fn=Collator(processor, config.max_length))
+                                         collate_fn=Collator(processor, config.max_length),
+                                         generator=torch.Generator().manual_seed(config.seed))
     batches = iter(loader)
 
     log = _Logger(out, env, on_log, start_step)
