@@ -329,32 +329,47 @@ def _cli_args(base_dir, jsonl_dir, out, *extra):
             "--freeze", "vision", "--no-progress", *extra]  # vision frozen: see test_accumulation_equals_one_big_batch
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, base_dir, processor, jsonl_dir):
+def _torchrun(root, args):
     import os
     import subprocess
     import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "paligemma.finetune.cli", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_ddp_and_fsdp_match_one_process(tmp_path, base_dir, jsonl_dir):
     from pathlib import Path
 
     from paligemma.finetune.cli import main
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "paligemma.finetune.cli", *_cli_args(base_dir, jsonl_dir, tmp_path / "two")],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert two.returncode == 0, two.stderr[-3000:]
     assert main(_cli_args(base_dir, jsonl_dir, tmp_path / "one")) == 0
-
-    def losses(out):
-        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-    assert len(losses(tmp_path / "two")) == 3
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
-    one, two = paligemma.load_model(tmp_path / "one" / "final"), paligemma.load_model(tmp_path / "two" / "final")
+    _torchrun(root, _cli_args(base_dir, jsonl_dir, tmp_path / "ddp"))
+    _torchrun(root, _cli_args(base_dir, jsonl_dir, tmp_path / "fsdp", "--fsdp", "--save-every", "2"))
+    one = _losses(tmp_path / "one")
+    assert len(one) == 3
+    assert _losses(tmp_path / "ddp") == pytest.approx(one, rel=1e-6)
+    assert _losses(tmp_path / "fsdp") == pytest.approx(one, rel=1e-6)
     # Gradients are summed in another order across processes; Adam turns the rounding of near-zero
     # entries into differences well below 1% of one update (lr 3e-3).
-    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=3e-5, msg=name)
+    reference = paligemma.load_model(tmp_path / "one" / "final").state_dict()
+    for run in ("ddp", "fsdp"):
+        weights = paligemma.load_model(tmp_path / run / "final").state_dict()
+        for name, tensor in reference.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=0, atol=3e-5, msg=f"{run}: {name}")
+
+    # FSDP's checkpoint is unsharded and keyed by name: one process resumes from it.
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "from-fsdp" / "checkpoint-2")
+    assert main(_cli_args(base_dir, jsonl_dir, tmp_path / "from-fsdp", "--resume")) == 0
+    assert _losses(tmp_path / "from-fsdp")[-1] == pytest.approx(one[-1], rel=1e-6)
 
 
 def test_cli_reports_bad_data_and_unsupported_options(tmp_path, base_dir, capsys):

@@ -9,6 +9,8 @@
         trainer_state.json                     step, data position, schedule, RNG states, config
         optimizer.safetensors                  AdamW moments and step counts, torch RNG state
 
+Weights and optimizer state are stored unsharded and keyed by parameter name, whatever the run
+(one process, DDP or FSDP), so any of them resumes from any other's checkpoint.
 Nothing is pickled: tensors go to safetensors, everything else to JSON, so resuming from a
 checkpoint of unknown origin cannot run code. A checkpoint is written to a temporary folder and
 renamed into place, so a crash mid-save never leaves a half checkpoint that `--resume` would pick.
@@ -28,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from ..model import PaliGemma
 from ..weights import load_model
 from . import lora
+from .distributed import (DistEnv, barrier, full_model_state, full_optimizer_state, is_sharded,
+                          load_full_state)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -53,19 +57,39 @@ def save_model_folder(model: PaliGemma, directory: Path, model_dir: str | Path |
                 shutil.copy2(source, directory / name)
 
 
+def gathered_model(model: PaliGemma) -> PaliGemma | None:
+    """`model` itself, or for an FSDP-sharded one a plain full copy on rank 0 (None elsewhere). Collective."""
+    if not is_sharded(model):
+        return model
+    state = full_model_state(model)
+    if not state:
+        return None
+    with torch.device("meta"):
+        plain = PaliGemma(model.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain
+
+
 def save_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Optimizer, state: dict,
-                    model_dir: str | Path | None) -> None:
-    """Write a resumable checkpoint (see the module docstring) atomically into `directory`."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(model, tmp, model_dir)
-    tensors, groups = _flatten_optimizer(optimizer.state_dict())
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, tmp / OPTIMIZER_FILE)
-    state = dict(state, optimizer_param_groups=groups, rng=_python_numpy_rng())
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+                    model_dir: str | Path | None, env: DistEnv) -> None:
+    """Write a resumable checkpoint (see the module docstring) atomically into `directory`.
+
+    Called on every rank (gathering sharded weights is collective); rank 0 writes.
+    """
+    plain = gathered_model(model)
+    optimizer_state = full_optimizer_state(model, optimizer)
+    if env.is_main:
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_folder(plain, tmp, model_dir)
+        tensors, groups = _flatten_optimizer(optimizer_state)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        state = dict(state, optimizer_param_groups=groups, rng=_python_numpy_rng())
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    barrier(env)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -79,17 +103,20 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights (or adapters), optimizer and RNG states from `directory`; return its trainer state."""
+    """Restore weights (or adapters), optimizer and RNG states from `directory`; return its trainer state.
+
+    Every rank reads the files; a sharded model keeps its own shard of them.
+    """
     directory = Path(directory)
     state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+    model_state = None
     if lora.has_lora(model):
         lora.load_adapter(model, directory / ADAPTER_DIR)
     else:
-        saved = load_model(directory, dtype=model.dtype)
-        model.load_state_dict(saved.state_dict(), strict=True)
+        model_state = load_model(directory, dtype=model.dtype).state_dict()
     tensors = load_file(directory / OPTIMIZER_FILE)
     torch.set_rng_state(tensors.pop("rng.torch"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer_param_groups"]))
+    load_full_state(model, optimizer, model_state, _unflatten_optimizer(tensors, state["optimizer_param_groups"]))
     _restore_python_numpy_rng(state["rng"])
     return state
 
@@ -97,22 +124,22 @@ def load_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Op
 # ---------------------------------------------------------------------- optimizer state <-> tensors + JSON
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """{'state': {i: {name: tensor}}, 'param_groups': [...]} -> ({'optim.i.name': tensor}, JSON-able groups)."""
+    """{'state': {param name: {name: tensor}}, 'param_groups': [...]} -> ({'optim/param/name': tensor}, groups)."""
     tensors = {}
-    for index, entry in state_dict["state"].items():
+    for param, entry in state_dict["state"].items():
         for name, value in entry.items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+            tensors[f"optim/{param}/{name}"] = value.detach().cpu().contiguous()
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
               for group in state_dict["param_groups"]]
     return tensors, groups
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        _, param, name = key.split("/")
+        state.setdefault(param, {})[name] = value
     groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in groups]
     return {"state": state, "param_groups": groups}
 

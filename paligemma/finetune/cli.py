@@ -1,7 +1,7 @@
 """`paligemma finetune`: command-line fine-tuning over `train`.
 
     paligemma finetune --model ckpt/ --data train.jsonl --eval-data val.jsonl --out runs/a --epochs 3
-    torchrun --nproc_per_node 2 -m paligemma.finetune.cli --model ckpt/ --data train.jsonl --out runs/a
+    torchrun --nproc_per_node 2 -m paligemma.finetune.cli --model ckpt/ --data train.jsonl --out runs/a [--fsdp]
 
 The main CLI registers the subcommand from `add_arguments` and `run`; `python -m
 paligemma.finetune.cli` runs it directly (what torchrun needs: a module or a script).
@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (needs peft)")
     what.add_argument("--lora-alpha", type=float, default=16.0)
     what.add_argument("--lora-dropout", type=float, default=0.0)
-    what.add_argument("--fsdp", action="store_true", help="not supported on CPU/gloo: see docs/finetune.md")
+    what.add_argument("--fsdp", action="store_true",
+                      help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
 
     log = parser.add_argument_group("logging, evaluation, checkpoints")
     log.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
@@ -74,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         attention_only=args.attention_only, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, seed=args.seed, max_length=args.max_length, strict=args.strict,
         num_workers=args.num_workers, eval_every=args.eval_every, save_every=args.save_every,
-        log_every=args.log_every, resume=args.resume, progress=not args.no_progress,
+        log_every=args.log_every, resume=args.resume, progress=not args.no_progress, fsdp=args.fsdp,
     )
 
 
@@ -89,10 +90,6 @@ def run(args: argparse.Namespace) -> int:
     from .distributed import init_distributed
     from .trainer import train
 
-    if args.fsdp:
-        print("error: --fsdp is not supported: FSDP needs a CUDA/accelerator device mesh and its gloo path fails on "
-              "CPU; see docs/finetune.md (use DDP: torchrun without --fsdp)", file=sys.stderr)
-        return 2
     try:
         config = config_from_args(args)
         model_dir = resolve_checkpoint(args.model)

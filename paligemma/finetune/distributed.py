@@ -1,16 +1,27 @@
-"""Process-group plumbing for data-parallel training (DDP on gloo), read from torchrun's env vars.
+"""Process-group plumbing for data-parallel training on gloo (DDP or FSDP2), from torchrun's env vars.
 
 `torchrun --nproc_per_node N` sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a
 plain `python` run has none of them and is a world of one, with every helper a no-op.
+
+FSDP here is FSDP2 (`torch.distributed.fsdp.fully_shard`): each SigLIP and Gemma layer is a
+sharding unit, the root holds the rest (embeddings, projector, norms). Full (unsharded) weights
+and optimizer state are gathered to rank 0 with `torch.distributed.checkpoint.state_dict`, for
+checkpoints and evaluation; the same functions read plain models, so one checkpoint format
+serves single-process, DDP and FSDP runs alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 
 @dataclass(frozen=True)
@@ -58,3 +69,69 @@ def shard_bounds(batch_size: int, env: DistEnv) -> tuple[int, int]:
                          "process takes an equal share of each global batch")
     per_rank = batch_size // env.world_size
     return env.rank * per_rank, (env.rank + 1) * per_rank
+
+
+# ---------------------------------------------------------------------- wrapping and gradient sync
+
+def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
+    """The module the training loop calls: `model` itself, DDP around it, or `model` sharded in place."""
+    if fsdp:
+        if not env.enabled:
+            raise ValueError("FSDP shards the model over several processes: launch with torchrun "
+                             "--nproc_per_node N (N >= 2)")
+        from torch.distributed.fsdp import fully_shard
+        for layer in [*model.vision_tower.encoder.layers, *model.language_model.layers]:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    if env.enabled:
+        return nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(runner: nn.Module, sync: bool):
+    """Skip the gradient all-reduce inside (for the first micro-batches of an accumulated step)."""
+    if sync:
+        yield
+    elif isinstance(runner, nn.parallel.DistributedDataParallel):
+        with runner.no_sync():
+            yield
+    elif is_sharded(runner):
+        runner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            runner.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+# ---------------------------------------------------------------------- full state, from and to shards
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, unsharded, under its plain name (empty on ranks > 0 when sharded). Collective."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter name, unsharded (empty on ranks > 0 when sharded). Collective."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict | None,
+                    optimizer_state: dict | None) -> None:
+    """Load full (unsharded) states into a model and optimizer, sharding them if the model is sharded."""
+    options = StateDictOptions(full_state_dict=True)
+    if model_state is not None:
+        set_model_state_dict(model, model_state, options=options)
+    if optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -14,7 +14,6 @@ retraces the uninterrupted run exactly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -30,7 +29,8 @@ from ..model import PaliGemma
 from . import checkpoint as ckpt
 from . import lora
 from .data import Collator, MicroBatchSampler, as_dataset
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_bounds
+from .distributed import (DistEnv, all_reduce_sum, barrier, gradient_sync, init_distributed, shard_bounds,
+                          wrap_model)
 from .evaluation import autocast_context, count_targets, evaluate
 from .freezing import count_trainable, set_trainable
 from .schedule import build_optimizer, lr_at, set_lr
@@ -72,6 +72,7 @@ class TrainConfig:
     log_every: int = 1
     resume: bool | str = False  # True: latest checkpoint in out_dir; a path: that checkpoint
     progress: bool = True  # tqdm bar on rank 0 when tqdm is installed
+    fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2) instead of DDP
 
     def __post_init__(self):
         if self.steps is not None and self.epochs is not None:
@@ -81,6 +82,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lora_rank and (self.attention_only or self.freeze):
             raise ValueError("LoRA freezes the whole base model already; drop freeze/attention_only")
+        if self.lora_rank and self.fsdp:
+            raise ValueError("LoRA with FSDP is not supported: the adapters are small, use DDP (no --fsdp)")
         self.freeze = tuple(self.freeze)
 
 
@@ -118,6 +121,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
         set_trainable(model, config.freeze, config.attention_only)
     model.vision_tower.gradient_checkpointing = config.gradient_checkpointing
     model.language_model.gradient_checkpointing = config.gradient_checkpointing
+    runner = wrap_model(model, env, config.fsdp)  # FSDP swaps in sharded parameters: before the optimizer
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -130,10 +134,6 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     per_epoch = len(train_set) // config.batch_size
     total_steps = config.steps if config.steps is not None else \
         max(1, math.ceil((config.epochs or 1.0) * per_epoch / config.grad_accum))
-
-    runner = model
-    if env.enabled:
-        runner = torch.nn.parallel.DistributedDataParallel(model)
     lo, hi = shard_bounds(config.batch_size, env)
     sampler = MicroBatchSampler(len(train_set), config.batch_size, config.seed, config.shuffle,
                                 start=start_step * config.grad_accum, stop=total_steps * config.grad_accum,
@@ -164,17 +164,18 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
         global_count = float(all_reduce_sum(torch.tensor(float(sum(local_counts))), env))
         loss_sum = torch.zeros((), dtype=torch.float64)
         for index, (batch, count) in enumerate(zip(micro, local_counts)):
-            sync = index == len(micro) - 1
-            with (runner.no_sync() if env.enabled and not sync else contextlib.nullcontext()), autocast_context(config.bf16):
-                output = runner(**batch)
-                # mean * count = this micro-batch's summed token loss; a row set with no target keeps the graph.
-                token_sum = output.loss.float() * count if count else output.logits.sum() * 0.0
-            # DDP averages gradients over processes, hence * world_size: the sum of all is what we want.
-            (token_sum * (env.world_size / global_count)).backward()
+            with gradient_sync(runner, sync=index == len(micro) - 1):
+                with autocast_context(config.bf16):
+                    output = runner(**batch)
+                    # mean * count = this micro-batch's summed token loss; no target at all keeps the graph.
+                    token_sum = output.loss.float() * count if count else output.logits.sum() * 0.0
+                # DDP and FSDP average gradients over processes, hence * world_size: we want their sum.
+                (token_sum * (env.world_size / global_count)).backward()
             loss_sum += token_sum.detach().double()
         loss = float(all_reduce_sum(loss_sum, env)) / global_count
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
         lr = lr_at(step, config.lr, total_steps, config.warmup_steps, config.min_lr_ratio)
         set_lr(optimizer, lr)
         optimizer.step()
@@ -197,16 +198,15 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
             state = {"step": done, "micro_batches": done * config.grad_accum, "total_steps": total_steps,
                      "epoch": done * config.grad_accum / per_epoch, "world_size": env.world_size,
                      "config": asdict(config)}
-            if env.is_main:
-                ckpt.save_checkpoint(out / f"checkpoint-{done}", model, optimizer, state, config.model_dir)
-            barrier(env)
+            ckpt.save_checkpoint(out / f"checkpoint-{done}", model, optimizer, state, config.model_dir, env)
     if bar is not None:
         bar.close()
     if eval_set is not None:
         summary.evals.append(_evaluate(model, processor, eval_set, config, env, log, summary.steps))
+    final = ckpt.gathered_model(model)
     if env.is_main:
         summary.final_dir = str(out / "final")
-        ckpt.save_model_folder(model, out / "final", config.model_dir)
+        ckpt.save_model_folder(final, out / "final", config.model_dir)
     barrier(env)
     summary.elapsed = time.perf_counter() - started
     return summary
@@ -233,8 +233,9 @@ def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
 
 
 def _evaluate(model, processor, eval_set, config: TrainConfig, env: DistEnv, log: "_Logger", step: int) -> dict:
-    """Rank 0 evaluates the unwrapped model; the others wait (and receive nothing)."""
+    """Rank 0 evaluates the unwrapped (FSDP: gathered) model; the others wait (and receive nothing)."""
     result = {}
+    model = ckpt.gathered_model(model)
     if env.is_main:
         result = evaluate(model, processor, eval_set, batch_size=config.eval_batch_size or config.batch_size,
                           bf16=config.bf16, max_new_tokens=config.eval_max_new_tokens, max_length=config.max_length)
