@@ -1,0 +1,278 @@
+"""The FastAPI application: OpenAI-compatible chat completions over a `BatchEngine`, and the web page.
+
+Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats, GET / (web page).
+Every error is answered as `{"error": {"message", "type", "param", "code"}}`. Request handlers
+only parse, fetch and decode (in worker threads); the model is touched by the engine's thread alone.
+See docs/server.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generation import GenerationResult, StreamEvent
+from ..images import ImageError, load_image
+from ..model import PaliGemma
+from ..processor import Processor
+from ..tasks import parse_detections, prompt_task
+from .batcher import BatchEngine, ImageData, Job, QueueFullError
+from .image_sources import FetchLimits, ImageSourceError, read_image_url
+from .schemas import APIError, ChatRequest, RequestLimits, parse_chat_request
+
+log = logging.getLogger("paligemma.server")
+STATIC_DIR = Path(__file__).parent / "static"
+_FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str = "paligemma"
+    api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 25_000_000
+    request: RequestLimits = RequestLimits()
+    fetch: FetchLimits = FetchLimits()
+
+
+def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    """The app serving `engine`; the engine's worker starts and stops with the app."""
+
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="PaliGemma", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.settings = engine, settings
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        log.exception("unexpected error")
+        return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name}
+
+    @app.get("/stats")
+    async def stats(request: Request):
+        _check_api_key(request, settings)
+        return engine.stats()
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_api_key(request, settings)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
+                                            "owned_by": "paligemma"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _check_api_key(request, settings)
+        body = await _read_json(request, settings.max_body_bytes)
+        chat = parse_chat_request(body, settings.request)
+        images = await run_in_threadpool(_load_images, chat.image_urls, settings)
+        max_tokens = await run_in_threadpool(_max_tokens, chat, engine, len(images), settings.request)
+        completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name)
+        completion.submit()
+        if chat.stream:
+            return StreamingResponse(completion.sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await completion.whole())
+
+    return app
+
+
+def _check_api_key(request: Request, settings: ServerSettings) -> None:
+    if settings.api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+async def _read_json(request: Request, limit: int):
+    """The body decoded as JSON, refusing bodies past `limit` bytes without reading them whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON, bad UTF-8, over-long integers
+        raise APIError(400, f"could not parse the JSON body: {err}"[:300], code="invalid_json") from None
+
+
+def _load_images(urls: list[str], settings: ServerSettings) -> list[ImageData]:
+    """Fetch/decode every image of a request (blocking; runs in a worker thread)."""
+    images = []
+    for index, url in enumerate(urls):
+        param = f"image {index}"
+        try:
+            data = read_image_url(url, settings.fetch)
+            images.append(ImageData.from_bytes(data, load_image(data, max_pixels=settings.max_image_pixels)))
+        except ImageSourceError as err:
+            status = 403 if err.code == "image_url_forbidden" else 400
+            raise APIError(status, f"{param}: {err}", "messages", err.code) from None
+        except ImageError as err:
+            raise APIError(400, f"{param}: {err}", "messages", "invalid_image") from None
+    return images
+
+
+def _max_tokens(chat: ChatRequest, engine: BatchEngine, num_images: int, limits: RequestLimits) -> int:
+    """The request's max_tokens, defaulted, and checked against what the context has left."""
+    prompt_tokens = engine.prompt_tokens(chat.prompt, num_images)
+    room = engine.context_length - prompt_tokens
+    if room < 1 or (chat.max_tokens is not None and chat.max_tokens > room):
+        asked = f" + max_tokens {chat.max_tokens}" if chat.max_tokens else ""
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens (image tokens included){asked}, past the model's "
+                       f"context of {engine.context_length} tokens", "messages", "context_length_exceeded")
+    return chat.max_tokens if chat.max_tokens is not None else min(limits.max_tokens_cap, room)
+
+
+class _Completion:
+    """One request in flight: its job in the engine, and the response built from the job's events."""
+
+    def __init__(self, request: Request, engine: BatchEngine, chat: ChatRequest, images: list[ImageData],
+                 max_tokens: int, model_name: str):
+        self.request, self.engine, self.chat, self.images = request, engine, chat, images
+        self.model_name = model_name
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.events: asyncio.Queue[StreamEvent | Exception] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def deliver(item):  # called on the engine's thread
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, item)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                pass
+
+        self.job = Job(chat.prompt, images, max_tokens, deliver, chat.temperature, chat.top_p, chat.top_k,
+                       chat.seed, chat.stop)
+
+    def submit(self) -> None:
+        try:
+            self.engine.submit(self.job)
+        except QueueFullError as err:
+            raise APIError(429, f"server busy ({err}); retry shortly", code="server_busy",
+                           type="rate_limit_error") from None
+
+    async def _next(self) -> StreamEvent:
+        item = await self.events.get()
+        if isinstance(item, Exception):
+            log.error("generation failed: %r", item)
+            raise APIError(500, "generation failed on the server", type="server_error")
+        return item
+
+    async def whole(self) -> dict:
+        """The non-streaming response; cancels the job if the client disconnects first."""
+        watcher = asyncio.ensure_future(_wait_for_disconnect(self.request))
+        try:
+            text = []
+            while True:
+                getter = asyncio.ensure_future(self._next())
+                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    self.job.cancel()
+                    raise APIError(499, "client disconnected", code="client_disconnected")
+                event = getter.result()
+                text.append(event.text)
+                if event.result is not None:
+                    break
+        except BaseException:
+            self.job.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        choice = {"index": 0, "message": {"role": "assistant", "content": event.result.text, "refusal": None},
+                  "logprobs": None, "finish_reason": _FINISH_REASONS[event.result.finish_reason]}
+        choice.update(self._extension(event.result))
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
+                "choices": [choice], "usage": _usage(event.result), "system_fingerprint": None}
+
+    async def sse(self):
+        """Server-sent events: role chunk, content chunks, a finish chunk, [usage chunk], [DONE].
+
+        Starlette cancels this generator when the client disconnects; the job is cancelled with it.
+        """
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    event = await self._next()
+                except APIError as err:
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    return
+                if event.text:
+                    yield self._chunk({"content": event.text})
+                if event.result is not None:
+                    break
+            yield self._chunk({}, _FINISH_REASONS[event.result.finish_reason], self._extension(event.result))
+            if self.chat.include_usage:
+                yield self._data({"choices": [], "usage": _usage(event.result)})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.job.cancel()  # a no-op once the job has finished
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **(extra or {})}
+        return self._data({"choices": [choice]})
+
+    def _data(self, fields: dict) -> str:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
+                 "system_fingerprint": None, **fields}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    def _extension(self, result: GenerationResult) -> dict:
+        """The `paligemma` field of a choice: detections for detect prompts (boxes in original pixels)."""
+        if prompt_task(self.chat.prompt) != "detect":
+            return {}
+        found = parse_detections(result.text, self.images[0].size)
+        return {"paligemma": {"detections": [{"label": d.label, "box": d.box} for d in found.objects],
+                              "detection_errors": found.errors, "image_size": list(self.images[0].size)}}
+
+
+def _usage(result: GenerationResult) -> dict:
+    completion = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion}
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client has gone (the body has been read, so receive() waits for a disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

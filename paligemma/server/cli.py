@@ -1,0 +1,112 @@
+"""`paligemma serve`: load a checkpoint and serve it over HTTP (registered by paligemma/cli.py).
+
+    paligemma serve                                   # the bundled demo model on 127.0.0.1:8000
+    paligemma serve --model DIR --port 8080 --api-key "$KEY" --max-batch-size 8
+
+FastAPI and uvicorn are optional dependencies (`pip install "paligemma[serve]"`), imported only
+when the server is run, so the rest of the command line works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from ..cli import _DTYPES, DEMO_MODEL_DIR, _device
+
+API_KEY_ENV = "PALIGEMMA_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` subcommand's options."""
+    parser.add_argument("--model", help="checkpoint directory or Hub repo id (default: the bundled demo model)")
+    parser.add_argument("--model-name", help="model id reported by /v1/models and in responses "
+                        "(default: the checkpoint directory's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV} "
+                        "if set, else no key)")
+    parser.add_argument("--allow-remote-images", action="store_true",
+                        help="fetch http(s) image URLs (public addresses only); default: data: URIs only")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--batch-window-ms", type=float, default=5.0,
+                        help="wait this long after a request arrives for others to batch with it (default 5)")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 "
+                        "(default 64)")
+    parser.add_argument("--max-tokens-cap", type=int, default=256,
+                        help="largest max_tokens a request may ask for, and the default (default 256)")
+    parser.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    parser.add_argument("--max-image-pixels", type=int, default=25_000_000,
+                        help="largest decoded image, width x height (default 25M)")
+    parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
+    parser.add_argument("--image-cache-size", type=int, default=32,
+                        help="images whose encoded features are kept (LRU; default 32, 0 = off)")
+    parser.add_argument("--remote-image-max-mb", type=float, default=20.0,
+                        help="largest image file accepted, data: URIs included, in MiB (default 20)")
+    parser.add_argument("--remote-image-timeout", type=float, default=10.0,
+                        help="seconds allowed for fetching a remote image, redirects included (default 10)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the options, load the model, serve until interrupted. User errors raise ValueError."""
+    for name in ("max_batch_size", "max_queue", "max_tokens_cap", "max_images", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.image_cache_size < 0 or args.batch_window_ms < 0 or not 0 < args.port < 65536:
+        raise ValueError("--image-cache-size and --batch-window-ms must be >= 0, --port in 1..65535")
+    if min(args.max_body_mb, args.remote_image_max_mb, args.remote_image_timeout) <= 0:
+        raise ValueError("--max-body-mb, --remote-image-max-mb and --remote-image-timeout must be > 0")
+    try:
+        import uvicorn
+
+        from .app import ServerSettings, create_app
+    except ImportError as err:
+        raise ValueError(f"paligemma serve needs FastAPI and uvicorn ({err}): pip install 'paligemma[serve]'") from None
+    from ..hub import resolve_checkpoint
+    from ..processor import load_processor
+    from ..weights import load_model
+    from .batcher import BatchEngine
+    from .image_sources import FetchLimits
+    from .schemas import RequestLimits
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not api_key and not _is_loopback(args.host):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    device = _device(args.device)
+    if args.model is None and not (DEMO_MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"no --model given and the bundled demo model is not installed ({DEMO_MODEL_DIR}); pass "
+                         "--model with a checkpoint directory or Hub repo id")
+    directory = resolve_checkpoint(args.model or DEMO_MODEL_DIR)
+    processor = load_processor(directory, max_pixels=args.max_image_pixels)
+    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device).eval()
+
+    engine = BatchEngine(model, processor, max_batch_size=args.max_batch_size,
+                         image_cache_size=args.image_cache_size, batch_window_s=args.batch_window_ms / 1000,
+                         max_queue=args.max_queue)
+    mib = 1024 * 1024
+    settings = ServerSettings(
+        model_name=args.model_name or directory.name, api_key=api_key, max_body_bytes=int(args.max_body_mb * mib),
+        max_image_pixels=args.max_image_pixels,
+        request=RequestLimits(max_tokens_cap=args.max_tokens_cap, max_images=args.max_images),
+        fetch=FetchLimits(allow_remote=args.allow_remote_images, max_bytes=int(args.remote_image_max_mb * mib),
+                          timeout_s=args.remote_image_timeout))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"serving {settings.model_name} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
