@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import paligemma
-from paligemma.finetune import (Collator, DataError, FinetuneDataset, TrainConfig, apply_lora, load_adapter,
+from paligemma.finetune import (Collator, DataError, FinetuneDataset, TrainConfig, load_adapter,
                                 merge_lora, save_adapter, set_trainable, train)
 from paligemma.finetune.schedule import lr_at
 from tiny_models import tiny_config, write_hf_checkpoint

@@ -7,7 +7,7 @@
                                                in a subfolder: transformers would apply adapter files found
                                                next to the weights a second time)
         trainer_state.json                     step, data position, schedule, RNG states, config
-        optimizer.safetensors                  AdamW moments and step counts, torch RNG state
+        optimizer.safetensors                  AdamW moments and step counts, each rank's torch RNG state
 
 Weights and optimizer state are stored unsharded and keyed by parameter name, whatever the run
 (one process, DDP or FSDP), so any of them resumes from any other's checkpoint.
@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from ..model import PaliGemma
 from ..weights import load_model
 from . import lora
-from .distributed import (DistEnv, barrier, full_model_state, full_optimizer_state, is_sharded,
-                          load_full_state)
+from .distributed import (DistEnv, all_gather_tensor, barrier, full_model_state, full_optimizer_state,
+                          is_sharded, load_full_state)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -78,12 +78,13 @@ def save_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Op
     """
     plain = gathered_model(model)
     optimizer_state = full_optimizer_state(model, optimizer)
+    torch_rng = all_gather_tensor(torch.get_rng_state(), env)  # each rank's: LoRA dropout draws differ per rank
     if env.is_main:
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_model_folder(plain, tmp, model_dir)
         tensors, groups = _flatten_optimizer(optimizer_state)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(torch_rng)})
         save_file(tensors, tmp / OPTIMIZER_FILE)
         state = dict(state, optimizer_param_groups=groups, rng=_python_numpy_rng())
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
@@ -102,7 +103,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
     """Restore weights (or adapters), optimizer and RNG states from `directory`; return its trainer state.
 
     Every rank reads the files; a sharded model keeps its own shard of them.
@@ -115,7 +116,9 @@ def load_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Op
     else:
         model_state = load_model(directory, dtype=model.dtype).state_dict()
     tensors = load_file(directory / OPTIMIZER_FILE)
-    torch.set_rng_state(tensors.pop("rng.torch"))
+    rng = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("rng.torch.")]}
+    # A checkpoint of a run with fewer processes has no state for this rank: take rank 0's.
+    torch.set_rng_state(rng.get(f"rng.torch.{rank}", rng["rng.torch.0"]))
     load_full_state(model, optimizer, model_state, _unflatten_optimizer(tensors, state["optimizer_param_groups"]))
     _restore_python_numpy_rng(state["rng"])
     return state

@@ -57,6 +57,15 @@ def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
+def all_gather_tensor(value: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
+    """[rank 0's value, rank 1's, ...]; every rank's `value` must have the same shape and dtype."""
+    if not env.enabled:
+        return [value]
+    gathered = [torch.empty_like(value) for _ in range(env.world_size)]
+    dist.all_gather(gathered, value)
+    return gathered
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -129,7 +129,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     start_step = 0
     resume_from = _resume_dir(config, out)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, env.rank)
         start_step = state["step"]
     per_epoch = len(train_set) // config.batch_size
     total_steps = config.steps if config.steps is not None else \
