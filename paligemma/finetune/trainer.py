@@ -117,6 +117,9 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
 
     if config.lora_rank:
         lora.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.model_dir)
+    elif lora.has_lora(model):  # adapters injected by the caller (apply_lora / load_adapter): train those
+        for name, param in model.named_parameters():
+            param.requires_grad_(".lora_" in name)
     else:
         set_trainable(model, config.freeze, config.attention_only)
     model.vision_tower.gradient_checkpointing = config.gradient_checkpointing
