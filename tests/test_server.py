@@ -43,10 +43,10 @@ def photos(skimage_photos):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    """(base_url, engine) of a server with a short batch window and a 2 MiB body limit."""
+    """(base_url, engine) of a server with a short batch window, a 2 MiB body and a 100k-pixel image limit."""
     model, processor = tiny
     engine = BatchEngine(model, processor, max_batch_size=8, image_cache_size=4, batch_window_s=0.02)
-    settings = ServerSettings(model_name="tiny", max_body_bytes=2 * 1024 * 1024,
+    settings = ServerSettings(model_name="tiny", max_body_bytes=2 * 1024 * 1024, max_image_pixels=100_000,
                               request=RequestLimits(max_tokens_cap=CAP, max_images=2))
     with running_server(create_app(engine, settings)) as url:
         yield url, engine
@@ -159,17 +159,21 @@ def test_models_health_and_page(server):
 
 # ---------------------------------------------------------------------- the detections extension
 
-def test_detect_prompt_carries_boxes_in_original_pixels(server, tiny, photos, monkeypatch):
+def test_detect_prompt_carries_boxes_in_original_pixels(server, client, tiny, photos, monkeypatch):
     model, processor = tiny
     calls = force_tokens(monkeypatch, model, detect_script(processor.tokenizer))
     width, height = photos["coffee"].size
-    body = {"model": "tiny", "max_tokens": 16, "messages": image_message("detect circle", png_data_uri(photos["coffee"]))}
+    body = {"model": "tiny", "max_tokens": 16,
+            "messages": image_message("detect circle", png_data_uri(photos["coffee"]))}
     choice = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
     assert choice["message"]["content"] == "<loc0100><loc0200><loc0500><loc0900> circle"
     box = [200 / 1023 * width, 100 / 1023 * height, 900 / 1023 * width, 500 / 1023 * height]
     assert choice["paligemma"]["detections"] == [{"label": "circle", "box": pytest.approx(box)}]
     assert choice["paligemma"]["detection_errors"] == []
 
+    calls.clear()
+    response = client.chat.completions.create(**body)
+    assert response.choices[0].model_extra["paligemma"]["detections"][0]["label"] == "circle"
     calls.clear()
     with httpx.stream("POST", server[0] + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
@@ -195,7 +199,8 @@ def test_concurrent_requests_are_batched_and_each_equals_its_answer_alone(server
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
             extra = dict(temperature=0.9, seed=seed) if seed is not None else {}
             response = client.chat.completions.create(
-                model="tiny", max_tokens=MAX_TOKENS, messages=image_message(prompt, png_data_uri(photos[name])), **extra)
+                model="tiny", max_tokens=MAX_TOKENS, messages=image_message(prompt, png_data_uri(photos[name])),
+                **extra)
             answers[name, prompt] = response.choices[0].message.content
         except Exception as err:  # reported below, on the test's thread
             errors.append(err)
@@ -254,7 +259,8 @@ def test_a_waiting_client_that_leaves_cancels_its_request(server, tiny, photos, 
     url, engine = server
     _slow_decoding(monkeypatch, tiny[0], 0.05, eos_id=tiny[1].tokenizer.eos_id)
     before = engine.stats()
-    body = {"model": "tiny", "max_tokens": CAP, "messages": image_message("caption en", png_data_uri(photos["chelsea"]))}
+    body = {"model": "tiny", "max_tokens": CAP,
+            "messages": image_message("caption en", png_data_uri(photos["chelsea"]))}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
     _wait_for(lambda: engine.stats().get("batches_stopped_early", 0) > before.get("batches_stopped_early", 0))
@@ -273,6 +279,7 @@ def _with_prompt_parts(parts):
 
 TEXT = {"type": "text", "text": "caption en"}
 PNG_1PX = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+TOO_MANY_PIXELS = png_data_uri(Image.new("RGB", (400, 300)))  # past the fixture's 100k-pixel limit
 BAD_BODIES = {
     "not an object": ([1, 2], 400, None),
     "no messages": ({"model": "tiny"}, 400, "messages"),
@@ -294,6 +301,8 @@ BAD_BODIES = {
     "remote image refused": (_with_prompt_parts([TEXT, {"type": "image_url", "image_url": "http://example.com/a.png"}]),
                              400, "messages"),
     "file url": (_with_prompt_parts([TEXT, {"type": "image_url", "image_url": "file:///etc/passwd"}]), 400, "messages"),
+    "too many pixels": (_with_prompt_parts([TEXT, {"type": "image_url", "image_url": TOO_MANY_PIXELS}]), 400,
+                        "messages"),
     "too many images": (_with_prompt_parts([TEXT] + [{"type": "image_url", "image_url": PNG_1PX}] * 3), 400,
                         "messages"),
     "image token in prompt": (_with_prompt_parts([{"type": "text", "text": "<image> caption"},
@@ -356,11 +365,11 @@ def test_fuzzed_requests_never_crash_the_server(server, photos):
     for _ in range(60):
         body = _valid_body(photos)
         body["max_tokens"] = 2
-        path = rng.choice([["model"], ["messages"], ["messages", 0], ["messages", 0, "role"],
-                           ["messages", 0, "content"], ["messages", 0, "content", 0], ["messages", 0, "content", 1],
-                           ["messages", 0, "content", 0, "image_url"], ["messages", 0, "content", 0, "image_url", "url"],
-                           ["messages", 0, "content", 1, "text"], ["temperature"], ["stop"], ["seed"], ["stream"],
-                           ["top_p"], ["max_tokens"], ["stream_options"]])
+        part = ["messages", 0, "content"]
+        path = rng.choice([["model"], ["messages"], ["messages", 0], ["messages", 0, "role"], part, part + [0],
+                           part + [1], part + [0, "image_url"], part + [0, "image_url", "url"], part + [1, "text"],
+                           ["temperature"], ["stop"], ["seed"], ["stream"], ["top_p"], ["max_tokens"],
+                           ["stream_options"]])
         target = body
         for key in path[:-1]:
             target = target[key]

@@ -77,6 +77,6 @@ def test_upload_detect_stream_and_draw_boxes(browser, tiny_checkpoint_dir, tmp_p
         assert browser.find_element("id", "status").text.startswith("done (stop)")
         # The box's left edge (x0 = 200/1023 of the width) is drawn in the box colour; the middle is not.
         x0, y_mid = round(200 / 1023 * 400), round(300 / 1023 * 300)
-        pixel = f"Array.from(document.getElementById('view').getContext('2d').getImageData(%d, %d, 1, 1).data)"
+        pixel = "Array.from(document.getElementById('view').getContext('2d').getImageData(%d, %d, 1, 1).data)"
         assert browser.execute_script("return " + pixel % (x0, y_mid))[:3] == [255, 0, 255]
         assert browser.execute_script("return " + pixel % (x0 + 40, y_mid))[:3] == [128, 128, 128]

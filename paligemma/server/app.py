@@ -24,8 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationResult, StreamEvent
 from ..images import ImageError, load_image
-from ..model import PaliGemma
-from ..processor import Processor
 from ..tasks import parse_detections, prompt_task
 from .batcher import BatchEngine, ImageData, Job, QueueFullError
 from .image_sources import FetchLimits, ImageSourceError, read_image_url
