@@ -215,20 +215,21 @@ class BatchEngine:
             [job.prompt for job in batch], max_new_tokens=first.max_tokens, temperature=first.temperature,
             top_p=first.top_p, top_k=first.top_k, seed=[job.seed for job in batch], stop=first.stop,
             image_features=features)
-        dropped = set()
+        answered = set()
         try:
             for event in events:
                 job = batch[event.index]
-                if job.cancelled.is_set():
-                    if event.index not in dropped:
-                        dropped.add(event.index)
-                        self.counters["rows_cancelled"] += 1
-                    if all(j.cancelled.is_set() for j in batch):
-                        self.counters["batches_stopped_early"] += 1
-                        return
-                    continue
-                if event.result is not None:
-                    self.counters["completion_tokens"] += len(event.result.token_ids)
-                job.deliver(event)
+                if not job.cancelled.is_set():
+                    if event.result is not None:
+                        answered.add(event.index)
+                        self.counters["completion_tokens"] += len(event.result.token_ids)
+                    job.deliver(event)
+                # Rows answered or abandoned need nothing more: stop when no row is left to serve.
+                left = [job for i, job in enumerate(batch) if i not in answered]
+                if left and all(job.cancelled.is_set() for job in left):
+                    self.counters["batches_stopped_early"] += 1
+                    return
         finally:
             events.close()
+            self.counters["rows_cancelled"] += sum(job.cancelled.is_set() for i, job in enumerate(batch)
+                                                   if i not in answered)
