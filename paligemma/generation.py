@@ -150,7 +150,7 @@ def stream_generate(model: PaliGemma, processor, images, prompts: str | Sequence
                     yield StreamEvent(index, delta)
                 continue
             result = GenerationResult(row.text, row.token_ids, row.finish_reason, session.prompt_tokens[index],
-                                      session.timings)
+                                      dict(session.timings))  # a snapshot: the batch may run on
             yield StreamEvent(index, delta, row.finish_reason, result)
         done = torch.tensor([row.finish_reason is not None for row in rows])
         if bool(done.all()):
