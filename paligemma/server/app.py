@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -99,8 +100,10 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings())
         completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name)
         completion.submit()
         if chat.stream:
+            # The background task also cancels a job whose client left before the stream began.
             return StreamingResponse(completion.sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(completion.job.cancel))
         return JSONResponse(await completion.whole())
 
     return app
