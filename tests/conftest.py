@@ -109,3 +109,24 @@ def skimage_photos() -> dict:
 
     names = ("astronaut", "camera", "coffee", "chelsea")
     return {name: Image.fromarray(getattr(skimage.data, name)()) for name in names}
+
+
+# ---------------------------------------------------------------------- complete checkpoints
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory, spm_model_path, spm_layout) -> Path:
+    """A complete tiny checkpoint directory: random Gemma weights (transformers-written), the test
+    tokenizer and a hub-style preprocessor_config.json (28 px images, 4 image tokens)."""
+    import dataclasses
+    import shutil
+
+    from tiny_models import tiny_config, write_hf_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny-checkpoint")
+    base = tiny_config("gemma", kv_heads=2, image_size=28, patch_size=14)
+    config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=spm_layout.vocab_size),
+                                 image_token_index=spm_layout.image_id)
+    write_hf_checkpoint(config, directory, lively=True)
+    shutil.copy(spm_model_path, directory / "tokenizer.model")
+    (directory / "preprocessor_config.json").write_text(json.dumps(hub_preprocessor_config(28, 4)))
+    return directory

@@ -1,0 +1,6 @@
+"""`python -m paligemma ...`: the same command line as `paligemma ...`."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""PaliGemma task answers as data: `detect` answers <-> labelled boxes in image pixels.
+
+A detect answer lists objects separated by " ; ", each as four location tokens and a label:
+
+    "<loc0102><loc0040><loc0300><loc0251> red circle ; <loc0511><loc0600><loc0730><loc0822> square"
+
+The four values are y_min, x_min, y_max, x_max in 1024 bins over the image (0..1023), whatever its
+aspect ratio: the model sees the image squashed to a square, so x bins cover the width and y bins
+the height of the ORIGINAL image.
+
+Bins <-> pixels: big_vision encodes `round(coord / size * 1023)` and decodes `value / 1023 * size`;
+the Hugging Face blog decodes `value / 1024 * size`. We follow big_vision, the code the models were
+trained with, so encode -> decode is exact up to rounding (and 1023 maps back to the image edge);
+the /1024 reading shrinks every box towards the top-left by up to 0.1% of the image.
+
+Answers are parsed strictly: a segment that is not exactly "4 loc tokens + label" is reported in
+`DetectionResult.errors` with its text, never repaired or silently dropped. The token-level helpers
+(`_LOC_RE`, `_SEG_RE`, `split_objects`, `leading_tokens`, `parse_loc_box`) are shared with the
+`segment` answer format (4 loc tokens, 16 seg tokens, label).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, NamedTuple, Sequence
+
+NUM_LOC_BINS = 1024  # <loc0000> .. <loc1023>
+_LOC_SCALE = NUM_LOC_BINS - 1  # big_vision's x1023 / /1023 (see module docstring)
+
+# Any digits, so that malformed values (<loc1500>, <loc12>) are seen and reported, not taken as text.
+_LOC_RE = re.compile(r"<loc(\d+)>")
+_SEG_RE = re.compile(r"<seg(\d+)>")
+_TOKEN_RE = re.compile(r"<(loc|seg)(\d+)>")
+_SEPARATOR_RE = re.compile(r"\s*;\s*")
+
+
+class Detection(NamedTuple):
+    """One detected object; unpacks as `label, box`."""
+
+    label: str
+    box: list[float]  # [x0, y0, x1, y1] in original image pixels
+
+
+@dataclass
+class DetectionResult:
+    objects: list[Detection] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one message per malformed segment, quoting it
+
+
+def prompt_task(prompt: str) -> str:
+    """The task word of a prompt ("detect", "segment", "caption", "answer", ...), lower-cased; "" if blank."""
+    words = prompt.split(maxsplit=1)
+    return words[0].lower() if words else ""
+
+
+# ---------------------------------------------------------------------- token-level helpers
+
+def split_objects(answer: str) -> list[str]:
+    """The object segments of an answer, split on ";" with any spacing; [] for a blank answer."""
+    if not answer.strip():
+        return []
+    return [segment.strip() for segment in _SEPARATOR_RE.split(answer.strip())]
+
+
+def leading_tokens(segment: str) -> tuple[list[tuple[str, int]], str]:
+    """Split a segment into its leading <loc>/<seg> tokens [(kind, value)] and the rest (the label), stripped."""
+    tokens = []
+    position = 0
+    while match := _TOKEN_RE.match(segment, position):
+        tokens.append((match.group(1), int(match.group(2))))
+        position = match.end()
+    return tokens, segment[position:].strip()
+
+
+def parse_loc_box(values: Sequence[int], image_size: tuple[int, int]) -> list[float]:
+    """Four loc values (y_min, x_min, y_max, x_max) -> [x0, y0, x1, y1] in pixels of a (width, height) image.
+
+    Raises ValueError (saying why) for a wrong count, a value past 1023 or a min above its max.
+    """
+    if len(values) != 4:
+        raise ValueError(f"expected 4 location tokens, found {len(values)}")
+    if any(not 0 <= v < NUM_LOC_BINS for v in values):
+        raise ValueError(f"location values must be 0..{NUM_LOC_BINS - 1}, got {list(values)}")
+    y0, x0, y1, x1 = values
+    if y0 > y1 or x0 > x1:
+        raise ValueError(f"box has min > max (y_min={y0}, x_min={x0}, y_max={y1}, x_max={x1})")
+    width, height = image_size
+    return [x0 / _LOC_SCALE * width, y0 / _LOC_SCALE * height, x1 / _LOC_SCALE * width, y1 / _LOC_SCALE * height]
+
+
+# ---------------------------------------------------------------------- detect
+
+def parse_detections(answer: str, image_size: tuple[int, int]) -> DetectionResult:
+    """Parse a `detect ...` answer into labelled boxes in pixels of the ORIGINAL (width, height) image.
+
+    A blank answer (the model found nothing) gives no objects and no errors. Each malformed segment
+    is left out of `objects` and reported in `errors` with its text; the other objects are kept.
+    A segment without a label ("<loc..>x4") is kept with label "".
+    """
+    _check_size(image_size)
+    result = DetectionResult()
+    for segment in split_objects(answer):
+        problem = _detection_problem(segment)
+        if problem is None:
+            tokens, label = leading_tokens(segment)
+            try:
+                result.objects.append(Detection(label, parse_loc_box([v for _, v in tokens], image_size)))
+                continue
+            except ValueError as err:
+                problem = str(err)
+        result.errors.append(f"{problem}: {segment!r}")
+    return result
+
+
+def _detection_problem(segment: str) -> str | None:
+    """Why `segment` is not "4 loc tokens + label" (count and range are checked by parse_loc_box), or None."""
+    if not segment:
+        return "empty object (stray ';')"
+    if _SEG_RE.search(segment):
+        return "segmentation tokens in a detect answer"
+    locs = _LOC_RE.findall(segment)
+    if not locs:
+        return "text without location tokens"
+    tokens, label = leading_tokens(segment)
+    if not tokens:
+        return "text before the location tokens"
+    if _LOC_RE.search(label):
+        return f"location tokens inside the label ({len(locs)} in all)"
+    return None
+
+
+def encode_box(box_xyxy: Sequence[float], image_size: tuple[int, int]) -> str:
+    """[x0, y0, x1, y1] pixels of a (width, height) image -> "<locYMIN><locXMIN><locYMAX><locXMAX>".
+
+    Each value is round(coord / size * 1023) (Python's round: half to even, like big_vision's
+    tf.round). Coordinates outside the image or a min above its max raise ValueError.
+    """
+    _check_size(image_size)
+    if len(box_xyxy) != 4:
+        raise ValueError(f"a box is [x0, y0, x1, y1], got {list(box_xyxy)}")
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    width, height = image_size
+    if not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
+        raise ValueError(f"box {[x0, y0, x1, y1]} is not inside a {width}x{height} image with min <= max")
+    values = (round(y0 / height * _LOC_SCALE), round(x0 / width * _LOC_SCALE),
+              round(y1 / height * _LOC_SCALE), round(x1 / width * _LOC_SCALE))
+    return "".join(f"<loc{v:04d}>" for v in values)
+
+
+def format_detections(detections: Iterable[tuple[str, Sequence[float]]], image_size: tuple[int, int]) -> str:
+    """The detect answer for (label, [x0, y0, x1, y1]) pairs (or `Detection`s): the inverse of parse_detections."""
+    segments = []
+    for label, box in detections:
+        if ";" in label or _TOKEN_RE.search(label) or label != label.strip():
+            raise ValueError(f"label {label!r} would not parse back: no ';', no <loc>/<seg> tokens, "
+                             "no leading or trailing spaces")
+        segments.append(f"{encode_box(box, image_size)} {label}".rstrip())
+    return " ; ".join(segments)
+
+
+def _check_size(image_size: tuple[int, int]) -> None:
+    if len(image_size) != 2 or any(s <= 0 for s in image_size):
+        raise ValueError(f"image_size must be (width, height) > 0, got {image_size}")
