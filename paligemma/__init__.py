@@ -14,13 +14,14 @@ from .kv_cache import KVCache
 from .model import PaliGemma, PaliGemmaOutput
 from .processor import Processor, ProcessorOutput, load_processor
 from .spm_builder import build_paligemma_spm
+from .tasks import Detection, DetectionResult, encode_box, format_detections, parse_detections
 from .tokenizer import Tokenizer, TokenizerError
 from .weights import load_model, save_model
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerationResult", "ImageError", "ImageProcessor", "KVCache", "PRESETS",
+    "CheckpointError", "ConfigError", "Detection", "DetectionResult", "GenerationResult", "ImageError", "ImageProcessor", "KVCache", "PRESETS",
     "PaliGemma", "PaliGemmaConfig", "PaliGemmaOutput", "Processor", "ProcessorOutput", "StreamEvent", "TextConfig",
-    "Tokenizer", "TokenizerError", "VisionConfig", "build_paligemma_spm", "generate", "generate_detailed",
-    "load_image", "load_model", "load_processor", "save_model", "stream_generate",
+    "Tokenizer", "TokenizerError", "VisionConfig", "build_paligemma_spm", "encode_box", "format_detections", "generate", "generate_detailed",
+    "load_image", "load_model", "load_processor", "parse_detections", "save_model", "stream_generate",
 ]
 __version__ = "0.1.0"
