@@ -1,0 +1,385 @@
+"""The "shapes world": procedural images and exact answers for PaliGemma's task prompts.
+
+A small demo PaliGemma is trained on this world, so everything here is deterministic from a seed
+and every answer is computed from the scene, never guessed.
+
+The world
+---------
+- A square RGB image (224x224 by default) with a light, slightly tinted grey background
+  (level 200..235 per scene, per-channel tint within +-6) and gaussian pixel noise (std 4) over
+  the whole image.
+- 1 to 4 objects (uniformly). Each is a `circle`, `square` or `triangle` (upward-pointing,
+  isosceles), filled flat with one of six well-separated colours: red, green, blue, yellow,
+  purple, orange (each object jittered by at most +-12 per channel). Shapes and colours are drawn
+  independently and may repeat, so "how many circles" has answers 0 to 4.
+- Each object lives in a square cell whose side is 14%..36% of the image side. Cells are
+  rejection-sampled so that they keep a gap of a few pixels from each other and from the border:
+  objects never touch or overlap (box IoU is 0), so every object is fully visible and its mask is
+  exactly its drawn pixels. If an object finds no room after 100 tries it is dropped, so a scene
+  never has fewer than 1 object and very rarely fewer than it asked for.
+
+Coordinates
+-----------
+`SceneObject.box` is `(x0, y0, x1, y1)` in pixels, the tight box of the mask with `x1`, `y1`
+EXCLUSIVE: `mask[y0:y1, x0:x1]` holds every pixel of the object, and a box touching the right
+border has `x1 == size`. `SceneObject.mask` is a bool array (H, W), True on the object's pixels.
+
+Canonical order
+---------------
+`Scene.objects` is sorted left to right by box centre x, ties broken by box centre y (top first).
+Captions and detect answers list objects in this order.
+
+Prompts and answers (prefix -> suffix)
+--------------------------------------
+- ``caption en`` -> the objects in canonical order, each as "a {color} {shape}" ("an orange ..."
+  for orange), joined as "A", "A and B", "A, B and C", "A, B, C and D" (no Oxford comma), e.g.
+  "a red circle, an orange triangle and a blue square".
+- ``detect {shape}`` -> for each object of that shape, in canonical order, four location tokens
+  and the label: "<locYMIN><locXMIN><locYMAX><locXMAX> {shape}", objects joined by " ; ", e.g.
+  "<loc0102><loc0040><loc0300><loc0251> circle ; <loc0511><loc0600><loc0730><loc0822> circle".
+  Each value is `round(coord / size * 1023)` (Python's round, half to even, like big_vision's
+  `tf.round`), written with 4 digits. A shape that is ABSENT gives the empty string "": the model
+  must emit `<eos>` as its very first answer token, as the released PaliGemma does when it finds
+  nothing.
+- ``answer en how many {shape}s are there?`` -> the count as one digit, "0".."4".
+- ``answer en what color is the {shape}?`` -> the colour name, e.g. "purple". Only asked when
+  exactly ONE object of that shape is in the scene (otherwise the question has no single answer).
+- ``segment {shape}`` is not produced yet; the masks it will need are stored on every object.
+
+Training mix (`sample_example`)
+-------------------------------
+caption 25%, detect 40%, count 20%, colour 15%. A detect example asks for an absent shape with
+probability 20% (when some shape is absent), else for a present one. A colour example falls back
+to a count question when no shape occurs exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+
+# Pure-ish, saturated colours: far from each other and from the light grey background.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 55),
+    "blue": (35, 75, 215),
+    "yellow": (235, 205, 25),
+    "purple": (135, 55, 175),
+    "orange": (245, 130, 20),
+}
+
+MAX_OBJECTS = 4
+MIN_SIDE_FRAC = 0.14  # smallest object cell, as a fraction of the image side
+MAX_SIDE_FRAC = 0.36
+PLACEMENT_TRIES = 100
+COLOR_JITTER = 12  # max per-channel offset of an object's fill colour
+BACKGROUND_LEVEL = (200.0, 235.0)
+BACKGROUND_TINT = 6.0
+NOISE_STD = 4.0
+
+CAPTION_PROMPT = "caption en"
+TASKS = ("caption", "detect", "count", "color")
+TASK_MIX = {"caption": 0.25, "detect": 0.40, "count": 0.20, "color": 0.15}
+DETECT_ABSENT_PROB = 0.20
+
+# Streams of randomness derived from one seed: the scene and the choice of task are independent.
+_SCENE_STREAM = 0
+_TASK_STREAM = 1
+
+
+@dataclass
+class SceneObject:
+    """One drawn object. `box` is (x0, y0, x1, y1) in pixels, x1/y1 exclusive; `mask` is (H, W) bool."""
+
+    shape: str
+    color: str
+    box: tuple[int, int, int, int]
+    mask: np.ndarray
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+@dataclass
+class Scene:
+    """An image and its objects, in canonical order (left to right by box centre, then top first)."""
+
+    image: Image.Image
+    objects: list[SceneObject]
+
+    @property
+    def size(self) -> int:
+        return self.image.width
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _draw_mask(shape: str, cell: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Rasterise `shape` filling the square `cell` (x1/y1 exclusive) into a (size, size) bool mask."""
+    x0, y0, x1, y1 = cell
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    # PIL's corner coordinates are inclusive, hence the -1. PIL does not antialias these, so the
+    # mask is exactly the set of pixels that get the object's colour.
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=1)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=1)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=1)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return np.asarray(canvas, dtype=bool)
+
+
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight box (x0, y0, x1, y1) of a non-empty mask, x1/y1 exclusive."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+
+
+def _cells_apart(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:
+    """True when the two boxes are separated by at least `gap` pixels along x or along y."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def generate_scene(seed: int, size: int = 224) -> Scene:
+    """Draw the scene for `seed` (a non-negative int): same seed and size, same pixels, always."""
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}")
+    rng = np.random.default_rng([_SCENE_STREAM, seed])
+    min_side = math.ceil(MIN_SIDE_FRAC * size)
+    max_side = math.floor(MAX_SIDE_FRAC * size)
+    gap = max(2, size // 56)  # 4 px at 224: between objects and from the image border
+
+    n_wanted = int(rng.integers(1, MAX_OBJECTS + 1))
+    placed: list[tuple[str, str, tuple[int, int, int, int]]] = []
+    for _ in range(n_wanted):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        color = list(COLORS)[int(rng.integers(len(COLORS)))]
+        for _try in range(PLACEMENT_TRIES):
+            side = int(rng.integers(min_side, max_side + 1))
+            x0 = int(rng.integers(gap, size - gap - side + 1))
+            y0 = int(rng.integers(gap, size - gap - side + 1))
+            cell = (x0, y0, x0 + side, y0 + side)
+            if all(_cells_apart(cell, other, gap) for _, _, other in placed):
+                placed.append((shape, color, cell))
+                break
+        # No room after all tries: the object is dropped (the first one always fits).
+
+    background = rng.uniform(*BACKGROUND_LEVEL) + rng.uniform(-BACKGROUND_TINT, BACKGROUND_TINT, 3)
+    pixels = np.empty((size, size, 3), dtype=np.float32)
+    pixels[:] = background
+    objects = []
+    for shape, color, cell in placed:
+        mask = _draw_mask(shape, cell, size)
+        jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
+        pixels[mask] = np.asarray(COLORS[color]) + jitter
+        objects.append(SceneObject(shape, color, _mask_box(mask), mask))
+    pixels += NOISE_STD * rng.standard_normal(pixels.shape, dtype=np.float32)
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
+
+    objects.sort(key=lambda o: (o.center[0], o.center[1]))
+    return Scene(image=image, objects=objects)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts and answers
+
+
+def detect_prompt(shape: str) -> str:
+    return f"detect {shape}"
+
+
+def count_prompt(shape: str) -> str:
+    return f"answer en how many {PLURALS[shape]} are there?"
+
+
+def color_prompt(shape: str) -> str:
+    return f"answer en what color is the {shape}?"
+
+
+def _noun_phrase(color: str, shape: str) -> str:
+    article = "an" if color[0] in "aeiou" else "a"
+    return f"{article} {color} {shape}"
+
+
+def _join_phrases(phrases: list[str]) -> str:
+    """"A", "A and B", "A, B and C", ... (no Oxford comma)."""
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def caption(scene: Scene) -> str:
+    """Answer to "caption en": every object, in canonical order."""
+    return _join_phrases([_noun_phrase(o.color, o.shape) for o in scene.objects])
+
+
+def loc_value(coord: float, size: int) -> int:
+    """A pixel coordinate in [0, size] as a location bin in [0, 1023]: round(coord / size * 1023)."""
+    return min(1023, max(0, round(coord / size * 1023)))
+
+
+def loc_tokens(box: tuple[int, int, int, int], size: int) -> str:
+    """The four location tokens of a box (x0, y0, x1, y1), in PaliGemma's y_min, x_min, y_max, x_max order."""
+    x0, y0, x1, y1 = box
+    return "".join(f"<loc{loc_value(v, size):04d}>" for v in (y0, x0, y1, x1))
+
+
+def detect_answer(scene: Scene, shape: str) -> str:
+    """Answer to "detect {shape}": "<loc..>x4 {shape}" per match joined by " ; "; "" when absent."""
+    return " ; ".join(
+        f"{loc_tokens(o.box, scene.size)} {o.shape}" for o in scene.objects if o.shape == shape
+    )
+
+
+def count(scene: Scene, shape: str) -> int:
+    return sum(o.shape == shape for o in scene.objects)
+
+
+def count_answer(scene: Scene, shape: str) -> str:
+    """Answer to "answer en how many {shape}s are there?": one digit."""
+    return str(count(scene, shape))
+
+
+def color_answer(scene: Scene, shape: str) -> str:
+    """Answer to "answer en what color is the {shape}?"; the shape must occur exactly once."""
+    matches = [o for o in scene.objects if o.shape == shape]
+    if len(matches) != 1:
+        raise ValueError(f"the colour question needs exactly one {shape}, the scene has {len(matches)}")
+    return matches[0].color
+
+
+def unique_shapes(scene: Scene) -> list[str]:
+    """Shapes that occur exactly once: the ones a colour question may be asked about."""
+    return [s for s in SHAPES if count(scene, s) == 1]
+
+
+def scene_examples(scene: Scene) -> list[tuple[str, str]]:
+    """Every (prefix, suffix) pair for a scene: caption, detect and count for each shape (absent
+    shapes included), and colour for each shape that occurs exactly once."""
+    examples = [(CAPTION_PROMPT, caption(scene))]
+    examples += [(detect_prompt(s), detect_answer(scene, s)) for s in SHAPES]
+    examples += [(count_prompt(s), count_answer(scene, s)) for s in SHAPES]
+    examples += [(color_prompt(s), color_answer(scene, s)) for s in unique_shapes(scene)]
+    return examples
+
+
+def _pick(rng: np.random.Generator, items: list[str]) -> str:
+    return items[int(rng.integers(len(items)))]
+
+
+def sample_task(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """Draw one (task, prefix, suffix) for `scene` following TASK_MIX (see the module docstring)."""
+    r = rng.random()
+    cumulative = 0.0
+    task = TASKS[-1]
+    for name in TASKS:
+        cumulative += TASK_MIX[name]
+        if r < cumulative:
+            task = name
+            break
+
+    present = [s for s in SHAPES if count(scene, s) > 0]
+    if task == "color" and not unique_shapes(scene):
+        task = "count"
+    if task == "caption":
+        return task, CAPTION_PROMPT, caption(scene)
+    if task == "detect":
+        absent = [s for s in SHAPES if s not in present]
+        pool = absent if absent and rng.random() < DETECT_ABSENT_PROB else present
+        shape = _pick(rng, pool)
+        return task, detect_prompt(shape), detect_answer(scene, shape)
+    if task == "count":
+        shape = _pick(rng, list(SHAPES))
+        return task, count_prompt(shape), count_answer(scene, shape)
+    shape = _pick(rng, unique_shapes(scene))
+    return task, color_prompt(shape), color_answer(scene, shape)
+
+
+def sample_example(seed: int, size: int = 224) -> tuple[Image.Image, str, str]:
+    """One training example for `seed`: the image of `generate_scene(seed, size)` and a
+    (prefix, suffix) drawn from the task mix with a random stream independent of the scene's."""
+    scene = generate_scene(seed, size)
+    _, prefix, suffix = sample_task(scene, np.random.default_rng([_TASK_STREAM, seed]))
+    return scene.image, prefix, suffix
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer corpus, evaluation helper, dataset writer
+
+
+def corpus_lines() -> Iterator[str]:
+    """Every string the demo tokenizer must cover: prompts, answers and their words.
+
+    Location tokens (<loc0000>..<loc1023>) are NOT included: the tokenizer adds them as special
+    pieces of their own. Captions with 3-4 objects are represented by a deterministic selection;
+    all one- and two-object captions are listed.
+    """
+    yield CAPTION_PROMPT
+    for shape in SHAPES:
+        yield detect_prompt(shape)
+        yield count_prompt(shape)
+        yield color_prompt(shape)
+        yield shape
+        yield PLURALS[shape]
+        yield f"{shape} ; {shape}"
+    yield " ; ".join(SHAPES)
+    yield from (str(n) for n in range(MAX_OBJECTS + 1))
+    yield from COLORS
+    phrases = [_noun_phrase(c, s) for c in COLORS for s in SHAPES]
+    yield from phrases
+    for a in phrases:
+        for b in phrases:
+            yield _join_phrases([a, b])
+    n = len(phrases)
+    for i, a in enumerate(phrases):
+        yield _join_phrases([a, phrases[(i + 5) % n], phrases[(i + 11) % n]])
+        yield _join_phrases([a, phrases[(i + 7) % n], phrases[(i + 13) % n], phrases[(i + 2) % n]])
+
+
+def iou(box_a: tuple[float, float, float, float], box_b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes (x1/y1 exclusive); 0.0 if both are empty."""
+    ix = max(0.0, min(box_a[2], box_b[2]) - max(box_a[0], box_b[0]))
+    iy = max(0.0, min(box_a[3], box_b[3]) - max(box_a[1], box_b[1]))
+    inter = ix * iy
+    area_a = max(0.0, box_a[2] - box_a[0]) * max(0.0, box_a[3] - box_a[1])
+    area_b = max(0.0, box_b[2] - box_b[0]) * max(0.0, box_b[3] - box_b[1])
+    union = area_a + area_b - inter
+    return inter / union if union > 0 else 0.0
+
+
+def write_dataset_jsonl(
+    out_dir: str | Path, n: int, seed0: int = 0, size: int = 224, name: str = "data.jsonl"
+) -> Path:
+    """Write `n` examples (seeds seed0 .. seed0+n-1) as fine-tuning data and return the JSONL path.
+
+    Layout: `out_dir/images/{seed:08d}.png` and `out_dir/{name}`, one row per example:
+    {"image": "images/00000042.png", "prefix": "...", "suffix": "..."} with the image path relative
+    to `out_dir`. Deterministic: the same arguments write byte-identical files.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    jsonl_path = out_dir / name
+    with open(jsonl_path, "w", encoding="utf-8") as f:
+        for seed in range(seed0, seed0 + n):
+            image, prefix, suffix = sample_example(seed, size)
+            rel = f"images/{seed:08d}.png"
+            image.save(out_dir / rel, format="PNG")
+            f.write(json.dumps({"image": rel, "prefix": prefix, "suffix": suffix}) + "\n")
+    return jsonl_path

@@ -1,0 +1,214 @@
+"""The shapes world: determinism, geometry, and the exact answer formats of the demo tasks."""
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from paligemma.demo import scenes
+from paligemma.demo.scenes import (
+    CAPTION_PROMPT,
+    COLORS,
+    SHAPES,
+    caption,
+    color_prompt,
+    corpus_lines,
+    count_prompt,
+    detect_answer,
+    detect_prompt,
+    generate_scene,
+    iou,
+    loc_tokens,
+    loc_value,
+    sample_example,
+    sample_task,
+    scene_examples,
+    write_dataset_jsonl,
+)
+
+N_SEEDS = 200
+DETECT_RE = re.compile(r"^(<loc\d{4}>){4} (circle|square|triangle)$")
+
+
+@pytest.fixture(scope="module")
+def many_scenes():
+    return [generate_scene(seed) for seed in range(N_SEEDS)]
+
+
+def test_same_seed_same_pixels_different_seeds_differ():
+    a, b = generate_scene(7), generate_scene(7)
+    assert a.image.tobytes() == b.image.tobytes()
+    assert [(o.shape, o.color, o.box) for o in a.objects] == [(o.shape, o.color, o.box) for o in b.objects]
+    assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.objects, b.objects))
+    assert generate_scene(8).image.tobytes() != a.image.tobytes()
+    assert sample_example(7)[1:] == sample_example(7)[1:]
+
+
+def test_image_size_and_mode():
+    for size in (224, 96):
+        scene = generate_scene(3, size=size)
+        assert scene.image.mode == "RGB" and scene.image.size == (size, size)
+        assert scene.size == size
+        assert all(o.mask.shape == (size, size) for o in scene.objects)
+
+
+def test_object_counts_shapes_and_colours_cover_the_world(many_scenes):
+    counts = Counter(len(s.objects) for s in many_scenes)
+    assert set(counts) == {1, 2, 3, 4}
+    assert {o.shape for s in many_scenes for o in s.objects} == set(SHAPES)
+    assert {o.color for s in many_scenes for o in s.objects} == set(COLORS)
+    # Repeats are allowed (counting needs them).
+    assert any(max(Counter(o.shape for o in s.objects).values()) >= 2 for s in many_scenes)
+
+
+def test_boxes_inside_image_minimum_size_no_overlap(many_scenes):
+    for scene in many_scenes:
+        size = scene.size
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            assert 0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size
+            assert max(x1 - x0, y1 - y0) >= 0.12 * size
+        for i, a in enumerate(scene.objects):
+            for b in scene.objects[i + 1 :]:
+                assert iou(a.box, b.box) == 0.0
+                assert not (a.mask & b.mask).any()
+
+
+def test_masks_match_boxes_and_colours(many_scenes):
+    for scene in many_scenes[:50]:
+        pixels = np.asarray(scene.image).astype(float)
+        background = np.ones(pixels.shape[:2], dtype=bool)
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            ys, xs = np.nonzero(o.mask)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+            # The mask's pixels carry the object's colour (up to jitter and noise).
+            mean = pixels[o.mask].mean(axis=0)
+            assert np.abs(mean - COLORS[o.color]).max() < scenes.COLOR_JITTER + 3
+            background &= ~o.mask
+        # Background is light grey: far from every palette colour.
+        bg = pixels[background].mean(axis=0)
+        assert bg.min() > 180 and bg.max() - bg.min() < 20
+
+
+def test_canonical_order_and_caption(many_scenes):
+    for scene in many_scenes:
+        centres = [o.center for o in scene.objects]
+        assert centres == sorted(centres)
+        text = caption(scene)
+        phrases = re.split(r", | and ", text)
+        expected = [f"{'an' if o.color == 'orange' else 'a'} {o.color} {o.shape}" for o in scene.objects]
+        assert phrases == expected
+        assert text.count(" and ") == (1 if len(scene.objects) > 1 else 0)
+
+
+def test_caption_grammar():
+    scene = next(s for s in map(generate_scene, range(100)) if len(s.objects) == 3)
+    p = [f"{'an' if o.color == 'orange' else 'a'} {o.color} {o.shape}" for o in scene.objects]
+    assert caption(scene) == f"{p[0]}, {p[1]} and {p[2]}"
+
+
+def test_loc_value_formula():
+    assert loc_value(0, 224) == 0
+    assert loc_value(224, 224) == 1023
+    assert loc_value(112, 224) == 512  # 511.5 rounds half to even, like tf.round
+    assert loc_value(100, 224) == round(100 / 224 * 1023) == 457
+    assert loc_tokens((10, 20, 30, 40), 224) == "<loc0091><loc0046><loc0183><loc0137>"  # y0 x0 y1 x1
+
+
+def test_detect_format_order_and_absent(many_scenes):
+    for scene in many_scenes:
+        for shape in SHAPES:
+            answer = detect_answer(scene, shape)
+            matches = [o for o in scene.objects if o.shape == shape]
+            if not matches:
+                assert answer == ""
+                continue
+            parts = answer.split(" ; ")
+            assert len(parts) == len(matches)
+            for part, o in zip(parts, matches):
+                assert DETECT_RE.match(part), part
+                values = [int(v) for v in re.findall(r"<loc(\d{4})>", part)]
+                x0, y0, x1, y1 = o.box
+                assert values == [loc_value(v, scene.size) for v in (y0, x0, y1, x1)]
+                assert part.endswith(" " + shape)
+
+
+def test_scene_examples_counts_and_colours(many_scenes):
+    for scene in many_scenes:
+        examples = dict(scene_examples(scene))
+        assert examples[CAPTION_PROMPT] == caption(scene)
+        for shape in SHAPES:
+            n = sum(o.shape == shape for o in scene.objects)
+            assert examples[detect_prompt(shape)] == detect_answer(scene, shape)
+            assert examples[count_prompt(shape)] == str(n)
+            if n == 1:
+                assert examples[color_prompt(shape)] == next(o.color for o in scene.objects if o.shape == shape)
+            else:
+                assert color_prompt(shape) not in examples
+    assert count_prompt("circle") == "answer en how many circles are there?"
+    assert color_prompt("square") == "answer en what color is the square?"
+
+
+def test_sampled_examples_follow_the_mix(many_scenes):
+    tasks = Counter()
+    for seed, scene in enumerate(many_scenes):
+        task, prefix, suffix = sample_task(scene, np.random.default_rng(seed))
+        assert (prefix, suffix) in scene_examples(scene)
+        tasks[task] += 1
+    for task, share in scenes.TASK_MIX.items():
+        assert tasks[task] > 0.4 * share * N_SEEDS
+    image, prefix, suffix = sample_example(5)
+    assert image.tobytes() == generate_scene(5).image.tobytes()
+    assert (prefix, suffix) in scene_examples(generate_scene(5))
+
+
+def test_iou():
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+
+
+def test_corpus_covers_every_answer_word(many_scenes):
+    lines = list(corpus_lines())
+    words = {w for line in lines for w in line.split()}
+    loc = re.compile(r"<loc\d{4}>")
+    for scene in many_scenes[:50]:
+        for prefix, suffix in scene_examples(scene):
+            for w in f"{prefix} {loc.sub(' ', suffix)}".replace(",", " ").split():
+                assert w in words, w
+    assert not any(loc.search(line) for line in lines)
+
+
+def test_write_dataset_jsonl_round_trip(tmp_path):
+    path = write_dataset_jsonl(tmp_path / "a", n=5, seed0=10)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 5
+    for seed, row in zip(range(10, 15), rows):
+        image, prefix, suffix = sample_example(seed)
+        assert row == {"image": f"images/{seed:08d}.png", "prefix": prefix, "suffix": suffix}
+        from PIL import Image
+
+        with Image.open(tmp_path / "a" / row["image"]) as saved:
+            assert saved.tobytes() == image.tobytes()
+    again = write_dataset_jsonl(tmp_path / "b", n=5, seed0=10)
+    assert again.read_bytes() == path.read_bytes()
+    assert (tmp_path / "b/images/00000012.png").read_bytes() == (tmp_path / "a/images/00000012.png").read_bytes()
+
+
+def test_detect_answers_agree_with_the_library_encoder_and_parser(many_scenes):
+    tasks = pytest.importorskip("paligemma.tasks")
+    for scene in many_scenes[:50]:
+        size = scene.size
+        for o in scene.objects:
+            assert loc_tokens(o.box, size) == tasks.encode_box(o.box, (size, size))
+        for shape in SHAPES:
+            result = tasks.parse_detections(detect_answer(scene, shape), (size, size))
+            assert not result.errors
+            truth = [o.box for o in scene.objects if o.shape == shape]
+            assert [d.label for d in result.objects] == [shape] * len(truth)
+            for d, box in zip(result.objects, truth):
+                assert np.allclose(d.box, box, atol=0.5)  # bins are 224/1023 px wide
