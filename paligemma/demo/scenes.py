@@ -64,6 +64,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..tasks import format_detections
+
 SHAPES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 
@@ -230,22 +232,10 @@ def caption(scene: Scene) -> str:
     return _join_phrases([_noun_phrase(o.color, o.shape) for o in scene.objects])
 
 
-def loc_value(coord: float, size: int) -> int:
-    """A pixel coordinate in [0, size] as a location bin in [0, 1023]: round(coord / size * 1023)."""
-    return min(1023, max(0, round(coord / size * 1023)))
-
-
-def loc_tokens(box: tuple[int, int, int, int], size: int) -> str:
-    """The four location tokens of a box (x0, y0, x1, y1), in PaliGemma's y_min, x_min, y_max, x_max order."""
-    x0, y0, x1, y1 = box
-    return "".join(f"<loc{loc_value(v, size):04d}>" for v in (y0, x0, y1, x1))
-
-
 def detect_answer(scene: Scene, shape: str) -> str:
     """Answer to "detect {shape}": "<loc..>x4 {shape}" per match joined by " ; "; "" when absent."""
-    return " ; ".join(
-        f"{loc_tokens(o.box, scene.size)} {o.shape}" for o in scene.objects if o.shape == shape
-    )
+    matches = [(o.shape, o.box) for o in scene.objects if o.shape == shape]
+    return format_detections(matches, (scene.size, scene.size))
 
 
 def count(scene: Scene, shape: str) -> int:

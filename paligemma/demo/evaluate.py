@@ -1,0 +1,121 @@
+"""Score a model on fresh, held-out shapes-world scenes, one number per task.
+
+- detection recall: of all objects, the fraction found by `detect {shape}` with a box of the
+  right label at IoU >= 0.5 (each predicted box matches at most one object); precision alongside,
+  and how often `detect` of an absent shape correctly answers nothing.
+- counting: `answer en how many {shape}s are there?` for every shape, exact match.
+- colour: `answer en what color is the {shape}?` for every shape present exactly once, exact match.
+- captions: `caption en`, exact match of the whole sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..generation import generate
+from ..tasks import parse_detections
+from .recipe import EVAL_SEED0, SCENE_SIZE
+from .scenes import (CAPTION_PROMPT, SHAPES, caption, color_answer, color_prompt, count_answer, count_prompt,
+                     detect_prompt, generate_scene, iou, unique_shapes)
+
+IOU_THRESHOLD = 0.5
+# Answer lengths in tokens: a detect answer is at most 4 objects x (4 locs + label + " ;").
+_MAX_NEW_TOKENS = {"detect": 32, "caption": 24, "count": 4, "color": 4}
+
+
+@dataclass
+class DemoScores:
+    scenes: int
+    detection_recall: float
+    detection_precision: float
+    absent_shape_empty: float  # detect of a shape not in the scene answered with nothing
+    counting_accuracy: float
+    color_accuracy: float
+    caption_exact_match: float
+    malformed_detect_answers: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [("detection recall (IoU >= 0.5)", self.detection_recall),
+                ("detection precision", self.detection_precision),
+                ("absent shape -> empty answer", self.absent_shape_empty),
+                ("counting accuracy", self.counting_accuracy), ("colour accuracy", self.color_accuracy),
+                ("caption exact match", self.caption_exact_match)]
+        lines = [f"| metric ({self.scenes} held-out scenes) | score |", "|---|---|"]
+        lines += [f"| {name} | {value:.1%} |" for name, value in rows]
+        lines.append(f"| malformed detect answers | {self.malformed_detect_answers} |")
+        return "\n".join(lines)
+
+
+def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEED0, batch_size: int = 64,
+                  progress=None) -> DemoScores:
+    """Generate greedy answers for every task on `num_scenes` scenes (seeds seed0...) and score them."""
+    scenes = [generate_scene(seed0 + i, SCENE_SIZE) for i in range(num_scenes)]
+    # (task, scene index, shape or None, prompt, expected answer)
+    items = []
+    for index, scene in enumerate(scenes):
+        items.append(("caption", index, None, CAPTION_PROMPT, caption(scene)))
+        for shape in SHAPES:
+            items.append(("detect", index, shape, detect_prompt(shape), None))
+            items.append(("count", index, shape, count_prompt(shape), count_answer(scene, shape)))
+        items += [("color", index, s, color_prompt(s), color_answer(scene, s)) for s in unique_shapes(scene)]
+
+    answers: dict[int, str] = {}
+    for task, max_new_tokens in _MAX_NEW_TOKENS.items():
+        positions = [i for i, item in enumerate(items) if item[0] == task]
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start:start + batch_size]
+            texts = generate(model, processor, [scenes[items[i][1]].image for i in chunk],
+                             [items[i][3] for i in chunk], max_new_tokens=max_new_tokens)
+            answers.update(zip(chunk, texts))
+            if progress is not None:
+                progress(len(answers), len(items))
+
+    exact = {"caption": [], "count": [], "color": []}
+    found = objects = predicted = correct_predictions = malformed = 0
+    absent_empty = []
+    for i, (task, index, shape, _, expected) in enumerate(items):
+        if task != "detect":
+            exact[task].append(answers[i].strip() == expected)
+            continue
+        scene = scenes[index]
+        result = parse_detections(answers[i], (SCENE_SIZE, SCENE_SIZE))
+        malformed += bool(result.errors)
+        truth = [obj.box for obj in scene.objects if obj.shape == shape]
+        if not truth:
+            absent_empty.append(not result.objects and not result.errors)
+            predicted += len(result.objects)
+            continue
+        boxes = [d.box for d in result.objects if d.label == shape]
+        predicted += len(result.objects)
+        matched = _match(truth, boxes)
+        found += matched
+        correct_predictions += matched
+        objects += len(truth)
+
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
+    return DemoScores(
+        scenes=num_scenes, detection_recall=found / max(objects, 1),
+        detection_precision=correct_predictions / max(predicted, 1), absent_shape_empty=mean(absent_empty),
+        counting_accuracy=mean(exact["count"]), color_accuracy=mean(exact["color"]),
+        caption_exact_match=mean(exact["caption"]), malformed_detect_answers=malformed,
+    )
+
+
+def _match(truth: list, boxes: list) -> int:
+    """Greedy one-to-one matching by IoU: how many true boxes get a predicted box at IoU >= 0.5."""
+    pairs = sorted(((iou(t, b), ti, bi) for ti, t in enumerate(truth) for bi, b in enumerate(boxes)), reverse=True)
+    used_truth, used_boxes, matched = set(), set(), 0
+    for score, ti, bi in pairs:
+        if score < IOU_THRESHOLD:
+            break
+        if ti not in used_truth and bi not in used_boxes:
+            used_truth.add(ti)
+            used_boxes.add(bi)
+            matched += 1
+    return matched
+
