@@ -7,6 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: one thread runs them fastest, and on a shared 2-core machine several
+    busy multi-threaded processes are 10-40x slower than single-threaded ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 # ---------------------------------------------------------------------- tokenizer and processor fixtures
 
@@ -117,16 +128,8 @@ def skimage_photos() -> dict:
 def tiny_checkpoint_dir(tmp_path_factory, spm_model_path, spm_layout) -> Path:
     """A complete tiny checkpoint directory: random Gemma weights (transformers-written), the test
     tokenizer and a hub-style preprocessor_config.json (28 px images, 4 image tokens)."""
-    import dataclasses
-    import shutil
-
-    from tiny_models import tiny_config, write_hf_checkpoint
+    from tiny_models import write_complete_checkpoint
 
     directory = tmp_path_factory.mktemp("tiny-checkpoint")
-    base = tiny_config("gemma", kv_heads=2, image_size=28, patch_size=14)
-    config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=spm_layout.vocab_size),
-                                 image_token_index=spm_layout.image_id)
-    write_hf_checkpoint(config, directory, lively=True)
-    shutil.copy(spm_model_path, directory / "tokenizer.model")
-    (directory / "preprocessor_config.json").write_text(json.dumps(hub_preprocessor_config(28, 4)))
+    write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=2)
     return directory

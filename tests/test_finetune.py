@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -14,33 +13,18 @@ import paligemma
 from paligemma.finetune import (Collator, DataError, FinetuneDataset, TrainConfig, load_adapter,
                                 merge_lora, save_adapter, set_trainable, train)
 from paligemma.finetune.schedule import lr_at
-from tiny_models import tiny_config, write_hf_checkpoint
-from conftest import hub_preprocessor_config
+from tiny_models import write_complete_checkpoint
 
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30),
           "purple": (140, 30, 160), "orange": (250, 140, 20), "black": (5, 5, 5), "white": (250, 250, 250)}
 SHAPES = ["circle", "square", "triangle", "star"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; several busy ones on a shared machine are 10-40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, spm_model_path, spm_layout):
     """A complete tiny checkpoint folder: weights, tokenizer.model, preprocessor_config.json (28 px, 4 image tokens)."""
     directory = tmp_path_factory.mktemp("ft-base")
-    base = tiny_config("gemma", kv_heads=1, image_size=28, patch_size=14)
-    config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=spm_layout.vocab_size),
-                                 image_token_index=spm_layout.image_id)
-    write_hf_checkpoint(config, directory, lively=True)
-    shutil.copy(spm_model_path, directory / "tokenizer.model")
-    (directory / "preprocessor_config.json").write_text(json.dumps(hub_preprocessor_config(28, 4)))
+    write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=1)
     return directory
 
 

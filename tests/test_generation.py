@@ -1,9 +1,5 @@
 """Generation against transformers' `generate` on the same weights, plus sampling, stops and streaming."""
 
-import dataclasses
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -11,8 +7,7 @@ import paligemma
 from paligemma.generation import generate, generate_detailed, stream_generate
 from paligemma.processor import load_processor
 from paligemma.sampling import SamplingParams, filter_logits
-from tiny_models import tiny_config, write_hf_checkpoint
-from conftest import hub_preprocessor_config
+from tiny_models import write_complete_checkpoint
 
 PROMPTS = ["caption en", "answer en how many circles are there?", "detect red circle"]
 
@@ -21,12 +16,7 @@ PROMPTS = ["caption en", "answer en how many circles are there?", "detect red ci
 def checkpoint(request, tmp_path_factory, spm_model_path, spm_layout):
     """(directory, reference model): tiny random weights, the test tokenizer, hub-style preprocessing."""
     directory = tmp_path_factory.mktemp(f"gen-{request.param}")
-    base = tiny_config(request.param, kv_heads=2, window=12, image_size=28, patch_size=14)
-    config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=spm_layout.vocab_size),
-                                 image_token_index=spm_layout.image_id)
-    reference = write_hf_checkpoint(config, directory, lively=True)
-    shutil.copy(spm_model_path, directory / "tokenizer.model")
-    (directory / "preprocessor_config.json").write_text(json.dumps(hub_preprocessor_config(28, 4)))
+    reference = write_complete_checkpoint(directory, request.param, spm_model_path, spm_layout, kv_heads=2, window=12)
     return directory, reference
 
 

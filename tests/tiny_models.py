@@ -6,6 +6,8 @@ A checkpoint is made by transformers (the reference) with random weights and wri
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
@@ -77,6 +79,26 @@ def write_hf_checkpoint(config: PaliGemmaConfig, directory, seed: int = 0, livel
     model = hf_reference(config, seed, lively)
     model.save_pretrained(directory)
     return model
+
+
+def write_complete_checkpoint(directory, family: str, spm_model_path, spm_layout, image_size: int = 28,
+                              patch_size: int = 14, **config_kwargs):
+    """A checkpoint folder as users download it: random (lively) weights written by transformers,
+    the test tokenizer and a Hub-style preprocessor_config.json. Returns the reference model."""
+    import dataclasses
+    import json
+    import shutil
+
+    from conftest import hub_preprocessor_config
+
+    base = tiny_config(family, image_size=image_size, patch_size=patch_size, **config_kwargs)
+    config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=spm_layout.vocab_size),
+                                 image_token_index=spm_layout.image_id)
+    reference = write_hf_checkpoint(config, directory, lively=True)
+    shutil.copy(spm_model_path, Path(directory) / "tokenizer.model")
+    preprocessor = hub_preprocessor_config(image_size, config.num_image_tokens)
+    (Path(directory) / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return reference
 
 
 def random_batch(config: PaliGemmaConfig, batch: int = 2, prompt_len: int = 6, suffix_len: int = 5,
