@@ -48,7 +48,7 @@ def preprocessor_config(image_size: int, num_image_tokens: int) -> dict:
             "rescale_factor": 1 / 255, "size": {"height": image_size, "width": image_size}}
 
 
-def tokenizer_config(layout: SpmLayout) -> dict:
+def tokenizer_config() -> dict:
     """tokenizer_config.json: lets transformers' AutoProcessor load the folder as a PaliGemmaProcessor."""
     return {"tokenizer_class": "GemmaTokenizer", "processor_class": "PaliGemmaProcessor", "bos_token": "<bos>",
             "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "left",
@@ -84,5 +84,5 @@ def create_initial_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     (out_dir / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(DEMO_IMAGE_SIZE, config.num_image_tokens), indent=2) + "\n")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(layout), indent=2) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     return out_dir
