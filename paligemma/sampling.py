@@ -47,14 +47,18 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams,
+def sample_next(logits: torch.Tensor, params: SamplingParams | list[SamplingParams],
                 generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V); `generators[i]` drives row i's draw."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(dim=-1)
-    generators = generators or [None] * probs.shape[0]
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+    """Next token ids (B,) from logits (B, V). `params` may differ per row; `generators[i]` drives row i."""
+    rows = logits.shape[0]
+    params = params if isinstance(params, list) else [params] * rows
+    generators = generators or [None] * rows
+    tokens = logits.argmax(dim=-1)
+    for i, (row_params, generator) in enumerate(zip(params, generators)):
+        if not row_params.greedy:
+            probs = filter_logits(logits[i:i + 1], row_params).softmax(dim=-1)[0]
+            tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+    return tokens
 
 
 def make_generators(seed: int | list[int | None] | None, batch_size: int) -> list[torch.Generator | None]:

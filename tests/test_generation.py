@@ -166,3 +166,23 @@ def test_bad_settings_are_rejected(loaded, skimage_photos, kwargs, message):
     model, processor, _ = loaded
     with pytest.raises(ValueError, match=message):
         generate(model, processor, [skimage_photos["coffee"]], ["caption en"], **kwargs)
+
+
+def test_settings_per_row_equal_each_request_alone(loaded, skimage_photos):
+    model, processor, _ = loaded
+    images = _images(skimage_photos, 3)
+    full = generate(model, processor, images[:1], PROMPTS[:1], max_new_tokens=12)[0]
+    stop = full[4:6]
+    settings = [dict(max_new_tokens=12, stop=[stop]), dict(max_new_tokens=5, temperature=2.0, top_k=30, seed=11),
+                dict(max_new_tokens=9, top_p=0.5, temperature=1.0, seed=5)]
+    alone = [generate_detailed(model, processor, [images[i]], [PROMPTS[i]], **kw)[0] for i, kw in enumerate(settings)]
+    batched = generate_detailed(
+        model, processor, images, PROMPTS, max_new_tokens=[s["max_new_tokens"] for s in settings],
+        temperature=[s.get("temperature", 0.0) for s in settings], top_p=[s.get("top_p", 1.0) for s in settings],
+        top_k=[s.get("top_k", 0) for s in settings], seed=[s.get("seed") for s in settings],
+        stop=[s.get("stop") for s in settings])
+    assert [(r.token_ids, r.text, r.finish_reason) for r in batched] == \
+        [(r.token_ids, r.text, r.finish_reason) for r in alone]
+    assert batched[0].finish_reason == "stop_string" and len(batched[1].token_ids) == 5
+    with pytest.raises(ValueError, match="max_new_tokens has 2 values"):
+        generate(model, processor, images, PROMPTS, max_new_tokens=[3, 4])

@@ -1,10 +1,10 @@
 """The batching engine: one worker thread owns the model and runs requests in batches.
 
 Requests queue up while a batch runs and the worker takes the next batch from the queue when it
-is done (static batching: a running batch is never joined). A batch holds requests that share
-everything `stream_generate` applies batch-wide (max_tokens, temperature, top_p, top_k, stop
-strings); the oldest waiting request picks which, so nothing starves. Seeds are per row, so a
-request's answer is the same in a batch as alone: greedy always, sampled when it has a seed.
+is done (static batching: a running batch is never joined), oldest first, so nothing starves.
+Every setting (max_tokens, temperature, top_p, top_k, stop strings, seed) is per row, so any
+requests can share a batch and a request's answer is the same in a batch as alone: greedy always,
+sampled when it has a seed.
 
 Images are encoded through an LRU cache keyed by the sha256 of their bytes, one image at a time,
 so an image's features never depend on its batch-mates and a repeated image is encoded once.
@@ -68,11 +68,6 @@ class Job:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share a batch (stream_generate applies these to the whole batch)."""
-        return self.max_tokens, self.temperature, self.top_p, self.top_k, tuple(self.stop)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -197,8 +192,7 @@ class BatchEngine:
             if not live:
                 self.queue.clear()
                 return []
-            key = live[0].batch_key
-            batch = [job for job in live if job.batch_key == key][:self.max_batch_size]
+            batch = live[:self.max_batch_size]  # any requests can share a batch: settings are per row
             chosen = set(map(id, batch))
             self.queue = collections.deque(job for job in live if id(job) not in chosen)
         return batch
@@ -208,12 +202,12 @@ class BatchEngine:
             return
         self.counters["batches"] += 1
         self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(batch))
-        first = batch[0]
         features = self.cache.features([image for job in batch for image in job.images])
         events = stream_generate(
             self.model, self.processor, [[image.rgb for image in job.images] for job in batch],
-            [job.prompt for job in batch], max_new_tokens=first.max_tokens, temperature=first.temperature,
-            top_p=first.top_p, top_k=first.top_k, seed=[job.seed for job in batch], stop=first.stop,
+            [job.prompt for job in batch], max_new_tokens=[job.max_tokens for job in batch],
+            temperature=[job.temperature for job in batch], top_p=[job.top_p for job in batch],
+            top_k=[job.top_k for job in batch], seed=[job.seed for job in batch], stop=[job.stop for job in batch],
             image_features=features)
         answered = set()
         try:
