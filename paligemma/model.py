@@ -52,6 +52,9 @@ class PaliGemma(nn.Module):
         self.language_model = GemmaDecoder(config.text)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        # Set by `inference.optimize_for_inference`: a quantized LM head, and what was done to the layout.
+        self.inference_head: nn.Module | None = None
+        self.inference_layout: str | None = None
 
     # ------------------------------------------------------------------ pieces
 
@@ -117,6 +120,8 @@ class PaliGemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., D) -> logits (..., V), soft-capped for Gemma 2."""
+        if self.inference_head is not None:
+            return soft_cap(self.inference_head(hidden), self.config.text.final_logit_softcapping)
         weight = self.lm_head.weight if hasattr(self, "lm_head") else self.language_model.embed_tokens.weight
         return soft_cap(F.linear(hidden, weight), self.config.text.final_logit_softcapping)
 
@@ -203,6 +208,9 @@ class PaliGemma(nn.Module):
 
     def save_pretrained(self, directory, max_shard_bytes: int = 5 * 1024**3) -> None:
         """Write config.json and safetensors (HF hub layout) loadable by `load_model` and transformers."""
+        if self.inference_layout is not None and self.inference_layout.startswith("quantized"):
+            raise ValueError("a quantized model cannot be saved: quantization is a load-time transform; "
+                             "save the original checkpoint and pass quantize= when loading it")
         from .weights import save_model
         save_model(self, directory, max_shard_bytes=max_shard_bytes)
 

@@ -62,10 +62,14 @@ def hub_key(name: str) -> str:
     return name
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> PaliGemma:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               quantize: str | None = None, optimize: bool = False) -> PaliGemma:
     """Load a PaliGemma checkpoint directory (or Hub repo id) in HF layout, in eval mode.
 
     dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in).
+    optimize=True rewrites the model for fast inference (fused, prepacked matrices; see inference.py):
+    same outputs, but it can no longer be trained. quantize="int8" | "int4" (CPU) also makes the
+    decoder's weights and the LM head weight-only quantized, implying optimize.
     """
     directory = resolve_checkpoint(path)
     config = PaliGemmaConfig.from_json_file(directory / "config.json")
@@ -84,6 +88,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             for name, key in names:
                 state[name] = handle.get_tensor(key).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the only references now, so optimizing can free each float weight
+    if quantize is not None or optimize:
+        from .inference import optimize_for_inference
+        optimize_for_inference(model, quantize=quantize)
     return model.eval()
 
 

@@ -1,0 +1,125 @@
+"""Inference-only layout of a loaded model: fused projections, prepacked or quantized matrices.
+
+`optimize_for_inference(model, quantize=None)` rewrites a model in place, once, after loading:
+
+- q/k/v projections become one `qkv` matrix and gate/up one `gate_up` matrix per decoder layer
+  (one weight stream and one kernel call instead of three or two);
+- every linear layer of the decoder (and, unquantized, of the vision tower and projector) keeps its
+  weight in oneDNN's prepacked blocked layout, which its bf16 matrix-vector product streams ~1.3x
+  faster than a plain row-major weight through `F.linear` (measured on the benchmark CPU; same result
+  bit for bit in bf16);
+- with `quantize="int8" | "int4"` the decoder's matrices and the LM head become `QuantizedLinear`
+  (see quantize.py). The vision tower stays in the model's dtype: it runs once per image and its
+  large-batch matmuls are compute-bound, where the 4-bit kernel is slower than bf16. The LM head
+  gets its own quantized copy of the tied embedding table (the lookup keeps the float table: one
+  row per token, never streamed), which costs that copy's memory but removes 21% (PaliGemma 1) of
+  the bytes each decode step reads.
+
+Unquantized, the optimized model's `state_dict()` still yields the original HF-named, unfused
+tensors (so `save_pretrained` writes an ordinary checkpoint); it cannot be trained or loaded into.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantize import QuantizedLinear, check_available
+
+
+def _packing_available(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear(nn.Module):
+    """Linear layer(s) with the weight held in oneDNN's prepacked layout (plain weight where unavailable).
+
+    `parts` [(name, out_features)] are the original projections concatenated along the output
+    dimension, named relative to the parent module; the state dict is written under those names.
+    """
+
+    def __init__(self, parts: list[tuple[str, nn.Linear]], pack: bool = True):
+        super().__init__()
+        weights = [linear.weight.detach() for _, linear in parts]
+        biases = [linear.bias for _, linear in parts]
+        self.part_names = [name for name, _ in parts]
+        self.split_sizes = [w.shape[0] for w in weights]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.packed = pack and _packing_available(weight)
+        # `_reorder_linear_weight` returns an opaque oneDNN tensor; `to_dense()` gives the weight back exactly.
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+
+    def inference_tensors(self):
+        return [self.weight] + ([] if self.bias is None else [self.bias])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.to_dense() if self.packed else self.weight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        parent = prefix[:prefix.rstrip(".").rfind(".") + 1]  # "a.b.qkv." -> "a.b."
+        weights = self.dense_weight().split(self.split_sizes)
+        biases = self.bias.split(self.split_sizes) if self.bias is not None else [None] * len(weights)
+        for name, weight, bias in zip(self.part_names, weights, biases):
+            destination[f"{parent}{name}.weight"] = weight.clone()
+            if bias is not None:
+                destination[f"{parent}{name}.bias"] = bias.clone()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        raise RuntimeError("an inference-optimized model cannot be loaded into; load the checkpoint afresh")
+
+    def extra_repr(self) -> str:
+        return f"parts={self.part_names}, in_features={self.in_features}, out_features={self.out_features}, " \
+               f"packed={self.packed}"
+
+
+def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: str | None, group_size: int | None,
+             pack: bool) -> None:
+    parts = [(name, getattr(owner, name)) for name in old_names]
+    if quantize:
+        weight = torch.cat([linear.weight.detach() for _, linear in parts]) if len(parts) > 1 else parts[0][1].weight
+        module = QuantizedLinear(weight, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
+    else:
+        module = PackedLinear(parts, pack)
+    for name in old_names:
+        delattr(owner, name)  # drops the float weights as soon as the new module holds its copy
+    setattr(owner, new_name, module)
+
+
+@torch.no_grad()
+def optimize_for_inference(model, quantize: str | None = None, group_size: int | None = None,
+                           pack: bool = True):
+    """Fuse, prepack and optionally quantize `model` (a loaded `PaliGemma`) in place; returns it in eval mode."""
+    if getattr(model, "inference_layout", None) is not None:
+        raise ValueError(f"model is already optimized for inference ({model.inference_layout})")
+    if quantize is not None:
+        check_available()
+        if model.device.type != "cpu":
+            raise ValueError(f"quantize={quantize!r} runs on CPU only; the model is on {model.device}")
+    model.eval()
+    for layer in model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        _replace(attn, "qkv", ["q_proj", "k_proj", "v_proj"], quantize, group_size, pack)
+        _replace(attn, "o_proj", ["o_proj"], quantize, group_size, pack)
+        _replace(mlp, "gate_up", ["gate_proj", "up_proj"], quantize, group_size, pack)
+        _replace(mlp, "down_proj", ["down_proj"], quantize, group_size, pack)
+    if quantize is None:
+        for module in list(model.vision_tower.modules()) + [model.multi_modal_projector]:
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear:
+                    _replace(module, name, [name], None, None, pack)
+    else:
+        head = model.lm_head.weight if hasattr(model, "lm_head") else model.language_model.embed_tokens.weight
+        model.inference_head = QuantizedLinear(head.detach(), quantize, group_size, [("lm_head", head.shape[0])])
+        if hasattr(model, "lm_head"):
+            del model.lm_head
+    model.inference_layout = f"quantized-{quantize}" if quantize else ("packed" if pack else "fused")
+    return model
