@@ -120,6 +120,8 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop when the answer contains STR (cut off; repeatable)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization of the decoder and LM head at load time (CPU)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object (see docs/cli.md)")
@@ -144,7 +146,7 @@ def run_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     directory = resolve_checkpoint(model_dir)
     processor = load_processor(directory)
-    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device)
+    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device, quantize=args.quantize)
     load_seconds = time.perf_counter() - start
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -106,6 +106,9 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.group_size = choose_group_size(self.in_features, mode, group_size)
         self.parts = parts or []
+        rows = -self.out_features % 16  # the kernel packs rows in blocks of 16: pad with zero rows
+        if rows:
+            weight = torch.cat([weight, weight.new_zeros(rows, self.in_features)])
         if mode == "int4":
             self.packed, self.scales_zeros = quantize_int4(weight, self.group_size)
         else:
@@ -127,7 +130,9 @@ class QuantizedLinear(nn.Module):
         else:
             y = (mm(x2, self.packed_hi, self.group_size, self.scales_zeros_hi).float()
                  + mm(x2, self.packed_lo, self.group_size, self.scales_zeros_lo).float())
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K) float32 weight as the kernel sees it (computed by multiplying the identity: slow, for tests)."""

@@ -93,6 +93,9 @@ def test_quantized_linear_error_is_what_the_bits_allow(mode, group, max_rel_err)
     # 3-D input and float32 activations come back in the input's shape and dtype.
     assert layer(x.float().view(2, 4, 512)).shape == (2, 4, 256)
     assert layer(x.float()).dtype == torch.float32
+    # Output widths that are not a multiple of the kernel's 16-row blocks are padded inside.
+    odd = QuantizedLinear(weight[:250], mode, group)
+    torch.testing.assert_close(odd(x), layer(x)[:, :250], atol=0, rtol=0)
 
 
 def _quant_config(family):
@@ -173,3 +176,25 @@ def test_demo_model_answers_survive_quantization(mode):
     same = sum(a == b for a, b in zip(expected, got))
     print(f"demo model {mode}: {same}/{len(got)} greedy answers unchanged")
     assert same / len(got) >= (0.95 if mode == "int8" else 0.8), (same, len(got))
+
+
+@needs_quant
+def test_cli_quantize_flag(capsys, tmp_path, spm_model_path, spm_layout, skimage_photos):
+    from paligemma import cli
+    from paligemma.generation import generate
+    from paligemma.processor import load_processor
+    from tiny_models import write_complete_checkpoint
+
+    write_complete_checkpoint(tmp_path, "gemma", spm_model_path, spm_layout, kv_heads=2, hidden=64, head_dim=32)
+    image = tmp_path / "photo.png"
+    skimage_photos["astronaut"].resize((28, 28)).save(image)
+    code = cli.main(["generate", "--prompt", "caption en", "--max-new-tokens", "5", "--quantize", "int4", "--json",
+                     "--model", str(tmp_path), "--image", str(image)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    model = paligemma.load_model(tmp_path, quantize="int4")
+    from PIL import Image
+    expected = generate(model, load_processor(tmp_path), [Image.open(image).convert("RGB")], ["caption en"],
+                        max_new_tokens=5)[0]
+    assert out["text"] == expected
