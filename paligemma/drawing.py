@@ -1,4 +1,4 @@
-"""Pictures of answers: detection boxes with their labels, or a text answer under the image. Pillow only."""
+"""Pictures of answers: boxes with labels, segmentation masks, or a text answer under the image. Pillow only."""
 
 from __future__ import annotations
 
@@ -51,6 +51,24 @@ def draw_caption(image: Image.Image, text: str, out_path: str | os.PathLike | No
     if out_path is not None:
         canvas.save(out_path)
     return canvas
+
+
+def draw_masks(image: Image.Image, segmentations: Iterable, out_path: str | os.PathLike | None = None,
+               opacity: float = 0.45) -> Image.Image:
+    """Draw segmentations (objects with `label`, `box` [x0, y0, x1, y1] and `mask`, a bool (height, width)
+    array, e.g. `segmentation.Segmentation`s) on an RGB copy of `image`: each mask as a translucent fill
+    in its label's colour, then the boxes and labels as `draw_detections` draws them."""
+    canvas = image.convert("RGB")
+    segmentations = list(segmentations)
+    colours: dict[str, str] = {}
+    for segmentation in segmentations:
+        colour = colours.setdefault(segmentation.label, _PALETTE[len(colours) % len(_PALETTE)])
+        mask = Image.fromarray(segmentation.mask).convert("L")
+        if mask.size != canvas.size:
+            raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]}, the image {canvas.size[0]}x{canvas.size[1]}")
+        tinted = Image.blend(canvas, Image.new("RGB", canvas.size, colour), opacity)
+        canvas = Image.composite(tinted, canvas, mask)
+    return draw_detections(canvas, [(s.label, s.box) for s in segmentations], out_path)
 
 
 def _font(short_side: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
