@@ -22,12 +22,13 @@ import torch
 from PIL import Image
 
 from .config import ConfigError
-from .drawing import draw_caption, draw_detections
+from .drawing import draw_caption, draw_detections, draw_masks
 from .generation import generate_detailed, stream_generate
 from .hub import CheckpointError, resolve_checkpoint
 from .images import ImageError, load_image
 from .processor import load_processor
 from .sampling import SamplingParams
+from .segmentation import mask_to_rle, parse_segmentations
 from .tasks import parse_detections, prompt_task
 from .tokenizer import TokenizerError
 from .weights import load_model
@@ -35,6 +36,7 @@ from .weights import load_model
 PACKAGE_DIR = Path(__file__).parent
 DEMO_MODEL_DIR = PACKAGE_DIR / "demo_model"
 EXAMPLE_IMAGE = PACKAGE_DIR / "assets" / "example.png"
+MASK_CODEC_FILE = "mask_codec.safetensors"  # a checkpoint's own VQ-VAE for `segment` answers, when it has one
 
 EXIT_USER_ERROR = 2  # bad arguments, files, checkpoints, images (argparse uses 2 as well)
 EXIT_BUG = 1  # anything unexpected: printed with its traceback
@@ -127,7 +129,10 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--json", action="store_true", help="print one JSON object (see docs/cli.md)")
     output.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--draw", metavar="OUT.png",
-                        help="write the image with the detected boxes (detect prompts) or the answer text below it")
+                        help="write the image with the detected boxes or segment masks, or the answer text below it")
+    parser.add_argument("--mask-codec", metavar="FILE",
+                        help="VQ-VAE for segment answers: big_vision's vae-oid.npz or a .safetensors codec "
+                             f"(default: the checkpoint's {MASK_CODEC_FILE}, if it has one)")
     parser.set_defaults(run=run_generate)
 
 
@@ -143,8 +148,10 @@ def run_generate(args: argparse.Namespace) -> int:
     model_dir, image_path = _model_and_image(args.model, args.image)
     image = Image.fromarray(load_image(image_path))  # upright RGB; its size is what boxes map back to
 
+    task = prompt_task(args.prompt)
     start = time.perf_counter()
     directory = resolve_checkpoint(model_dir)
+    codec = _mask_codec(args.mask_codec, directory) if task == "segment" else None  # before the slow part
     processor = load_processor(directory)
     model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device, quantize=args.quantize)
     load_seconds = time.perf_counter() - start
@@ -159,7 +166,8 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         result = generate_detailed(model, processor, [image], [args.prompt], **options)[0]
 
-    detections = parse_detections(result.text, image.size) if prompt_task(args.prompt) == "detect" else None
+    detections = parse_detections(result.text, image.size) if task == "detect" else None
+    segments = parse_segmentations(result.text, image.size, codec) if codec is not None else None
     if args.json:
         record = {"text": result.text, "tokens": result.token_ids, "finish_reason": result.finish_reason,
                   "prompt_tokens": result.prompt_tokens, "timings": {"load": load_seconds, **result.timings},
@@ -167,15 +175,32 @@ def run_generate(args: argparse.Namespace) -> int:
         if detections is not None:
             record["detections"] = [{"label": d.label, "box": d.box} for d in detections.objects]
             record["detection_errors"] = detections.errors
+        if segments is not None:
+            record["segmentations"] = [{"label": o.label, "box": o.box, "mask_rle": mask_to_rle(o.mask)}
+                                       for o in segments.objects]
+            record["segmentation_errors"] = segments.errors
         print(json.dumps(record))
     elif not args.stream:
         print(result.text)
     if args.draw:
         if detections is not None:
             draw_detections(image, detections.objects, args.draw)
+        elif segments is not None:
+            draw_masks(image, segments.objects, args.draw)
         else:
             draw_caption(image, result.text, args.draw)
     return 0
+
+
+def _mask_codec(codec_path: str | None, model_dir: Path):
+    """The VQ-VAE that decodes `segment` answers: --mask-codec, else the checkpoint's own codec."""
+    from .vqvae import load_mask_codec
+
+    path = Path(codec_path) if codec_path else Path(model_dir) / MASK_CODEC_FILE
+    if not path.is_file():
+        raise ValueError(f"a segment answer needs a mask codec to decode: pass --mask-codec (e.g. big_vision's "
+                         f"vae-oid.npz); {path} does not exist")
+    return load_mask_codec(path)
 
 
 def _model_and_image(model: str | None, image: str | None) -> tuple[str | Path, str | Path]:

@@ -149,3 +149,26 @@ def format_segmentations(objects: Iterable[tuple[str, Sequence[float], np.ndarra
         f"{encode_box(box, image_size)}{''.join(f'<seg{c:03d}>' for c in object_codes)} {label}".rstrip()
         for (label, box, _), object_codes in zip(objects, codes))
 
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """A bool (H, W) mask as uncompressed run-length encoding: {"size": [H, W], "counts": [...]}.
+
+    Runs alternate False/True over the pixels in row-major order, starting with a (possibly empty)
+    run of False. Unlike COCO's RLE (column-major), this reads in the same order as the image rows.
+    """
+    flat = np.asarray(mask, dtype=bool).ravel()
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    edges = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(edges).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Inverse of `mask_to_rle`."""
+    height, width = rle["size"]
+    values = np.zeros(len(rle["counts"]), dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, rle["counts"]).reshape(height, width)
+

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import paligemma
@@ -108,6 +109,34 @@ def test_draw_detect_writes_boxes(capsys, monkeypatch, tmp_path, tiny_checkpoint
         # The box's bottom edge (y = 920/1023*40 ~ 36) is drawn in the first palette colour.
         column = [drawn.convert("RGB").getpixel((30, y)) for y in range(34, 38)]
         assert (0x1F, 0x77, 0xB4) in column
+
+
+def test_segment_prompt_decodes_masks_with_the_codec(capsys, monkeypatch, tmp_path, tiny_checkpoint_dir, image_file):
+    from paligemma.segmentation import rle_to_mask
+    from paligemma.vqvae import MaskCodec, MaskCodecConfig, save_mask_codec
+
+    torch.manual_seed(0)
+    codec_path = tmp_path / "codec.safetensors"
+    save_mask_codec(MaskCodec(MaskCodecConfig(num_codes=128, embed_dim=8, hidden=8)), codec_path)
+    segs = "".join(f"<seg{i:03d}>" for i in range(16))
+    _fake_answer(monkeypatch, f"<loc0000><loc0000><loc0511><loc1023>{segs} cat")
+    out_path = tmp_path / "masks.png"
+    code, out, err = _generate(capsys, "--json", "--mask-codec", str(codec_path), "--draw", str(out_path),
+                               model=tiny_checkpoint_dir, image=image_file, prompt="segment cat")
+    assert code == 0, err
+    record = json.loads(out)
+    [segment] = record["segmentations"]
+    assert segment["label"] == "cat" and segment["box"] == [0.0, 0.0, 60.0, 20.0 * 511 / 1023 * 2]
+    mask = rle_to_mask(segment["mask_rle"])
+    assert mask.shape == (IMAGE_SIZE[1], IMAGE_SIZE[0]) and not mask[21:].any()  # nothing outside the box
+    assert record["segmentation_errors"] == []
+    with Image.open(out_path) as drawn:
+        assert drawn.size == IMAGE_SIZE
+
+
+def test_segment_prompt_without_a_codec_fails_before_generating(capsys, tiny_checkpoint_dir, image_file):
+    code, _, err = _generate(capsys, model=tiny_checkpoint_dir, image=image_file, prompt="segment cat")
+    assert code == 2 and "--mask-codec" in err and "Traceback" not in err
 
 
 def test_draw_other_prompt_writes_the_answer_below_the_image(capsys, tmp_path, tiny_checkpoint_dir, image_file):

@@ -424,3 +424,14 @@ def test_draw_masks_tints_masks_and_saves(tmp_path):
     assert image.getpixel((25, 20)) == (255, 255, 255)  # the input is not modified
     with pytest.raises(ValueError, match="mask is"):
         draw_masks(image, [Segmentation("x", [0, 0, 1, 1], mask.T, [])])
+
+
+def test_mask_rle_round_trip():
+    from paligemma.segmentation import mask_to_rle, rle_to_mask
+
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((7, 5)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)):
+        rle = mask_to_rle(mask)
+        assert rle["size"] == list(mask.shape) and sum(rle["counts"]) == mask.size
+        assert np.array_equal(rle_to_mask(rle), mask)
+    assert mask_to_rle(np.array([[True, True, False]]))["counts"] == [0, 2, 1]
