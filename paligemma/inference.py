@@ -4,10 +4,13 @@
 
 - q/k/v projections become one `qkv` matrix and gate/up one `gate_up` matrix per decoder layer
   (one weight stream and one kernel call instead of three or two);
-- every linear layer of the decoder (and, unquantized, of the vision tower and projector) keeps its
-  weight in oneDNN's prepacked blocked layout, which its bf16 matrix-vector product streams ~1.3x
-  faster than a plain row-major weight through `F.linear` (measured on the benchmark CPU; same result
-  bit for bit in bf16);
+- in bf16 on a CPU with AVX512-BF16, the decoder's matrices and the tied LM head stay plain
+  row-major tensors and inputs of <= 8 rows (decode steps) go through the C++ kernel of kernels.py,
+  which streams them ~1.5x faster than `F.linear` (same result bit for bit); larger inputs (prefill)
+  use `F.linear`;
+- elsewhere (float32, the vision tower and projector, or no kernel) a weight is kept in oneDNN's
+  prepacked blocked layout, whose matmul runs ~1.1-1.3x faster than `F.linear` on a row-major
+  weight (measured on the benchmark CPU; same result in bf16, within 1e-5 in float32);
 - with `quantize="int8" | "int4"` the decoder's matrices and the LM head become `QuantizedLinear`
   (see quantize.py). The vision tower stays in the model's dtype: it runs once per image and its
   large-batch matmuls are compute-bound, where the 4-bit kernel is slower than bf16. The LM head
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import MAX_ROWS, gemv_bf16
 from .quantize import QuantizedLinear, check_available
 
 
@@ -33,11 +37,15 @@ def _packing_available(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-class PackedLinear(nn.Module):
-    """Linear layer(s) with the weight held in oneDNN's prepacked layout (plain weight where unavailable).
+def _small_rows(x: torch.Tensor) -> bool:
+    return x.numel() <= MAX_ROWS * x.shape[-1]
 
-    `parts` [(name, out_features)] are the original projections concatenated along the output
-    dimension, named relative to the parent module; the state dict is written under those names.
+
+class FastLinear(nn.Module):
+    """Linear layer(s) for inference: the decode kernel on a plain bf16 weight, else a prepacked weight.
+
+    `parts` [(name, linear)] are the original projections, concatenated along the output dimension
+    and named relative to the parent module; the state dict is written under those names.
     """
 
     def __init__(self, parts: list[tuple[str, nn.Linear]], pack: bool = True):
@@ -49,14 +57,18 @@ class PackedLinear(nn.Module):
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         self.out_features, self.in_features = weight.shape
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.packed = pack and _packing_available(weight)
+        self.kernel = gemv_bf16() if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                                      and self.bias is None) else None
+        self.packed = pack and self.kernel is None and _packing_available(weight)
         # `_reorder_linear_weight` returns an opaque oneDNN tensor; `to_dense()` gives the weight back exactly.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight.contiguous()
 
     def inference_tensors(self):
         return [self.weight] + ([] if self.bias is None else [self.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and _small_rows(x) and x.dtype == torch.bfloat16:
+            return self.kernel(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -78,7 +90,27 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"parts={self.part_names}, in_features={self.in_features}, out_features={self.out_features}, " \
-               f"packed={self.packed}"
+               f"kernel={self.kernel is not None}, packed={self.packed}"
+
+
+class TiedHead(nn.Module):
+    """The LM head over a weight owned elsewhere (the tied embedding): no copy, nothing in the state dict."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight.detach()  # the owner's tensor, shared (a plain attribute, not a parameter)
+        self.kernel = gemv_bf16() if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and _small_rows(x) and x.dtype == torch.bfloat16:
+            return self.kernel(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
+
+    def inference_tensors(self):
+        return []  # counted with its owner
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        pass
 
 
 def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: str | None, group_size: int | None,
@@ -88,7 +120,7 @@ def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: st
         weight = torch.cat([linear.weight.detach() for _, linear in parts]) if len(parts) > 1 else parts[0][1].weight
         module = QuantizedLinear(weight, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
     else:
-        module = PackedLinear(parts, pack)
+        module = FastLinear(parts, pack)
     for name in old_names:
         delattr(owner, name)  # drops the float weights as soon as the new module holds its copy
     setattr(owner, new_name, module)
@@ -116,10 +148,12 @@ def optimize_for_inference(model, quantize: str | None = None, group_size: int |
             for name, child in list(module.named_children()):
                 if type(child) is nn.Linear:
                     _replace(module, name, [name], None, None, pack)
+    head = model.lm_head.weight if hasattr(model, "lm_head") else model.language_model.embed_tokens.weight
+    if quantize is None:
+        model.inference_head = TiedHead(head)
     else:
-        head = model.lm_head.weight if hasattr(model, "lm_head") else model.language_model.embed_tokens.weight
         model.inference_head = QuantizedLinear(head.detach(), quantize, group_size, [("lm_head", head.shape[0])])
         if hasattr(model, "lm_head"):
             del model.lm_head
-    model.inference_layout = f"quantized-{quantize}" if quantize else ("packed" if pack else "fused")
+    model.inference_layout = f"quantized-{quantize}" if quantize else "optimized"
     return model

@@ -8,6 +8,7 @@ import torch
 
 import paligemma
 from paligemma.inference import optimize_for_inference
+from paligemma.kernels import gemv_bf16
 from paligemma.quantize import QuantizationError, QuantizedLinear, check_available
 from tiny_models import TINY_CONFIGS, random_batch, tiny_config, write_hf_checkpoint
 
@@ -32,7 +33,7 @@ def test_optimized_model_matches_plain_and_keeps_its_state_dict(checkpoint, dtyp
     config, directory = checkpoint
     plain = paligemma.load_model(directory, dtype=dtype)
     fast = paligemma.load_model(directory, dtype=dtype, optimize=True)
-    assert fast.inference_layout in ("packed", "fused")
+    assert fast.inference_layout == "optimized"
     assert fast.language_model.layers[0].self_attn.qkv is not None
     batch = random_batch(config)
     with torch.no_grad():
@@ -46,10 +47,12 @@ def test_optimized_model_matches_plain_and_keeps_its_state_dict(checkpoint, dtyp
     assert all(torch.equal(again.state_dict()[k], expected[k]) for k in expected)
 
 
-def test_optimized_cached_decoding_matches_plain(checkpoint):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimized_cached_decoding_matches_plain(checkpoint, dtype):
+    """Decode steps (<= 8 rows) take the C++ kernel in bf16 where the CPU has it: bit-equal to F.linear."""
     config, directory = checkpoint
-    plain = paligemma.load_model(directory)
-    fast = optimize_for_inference(paligemma.load_model(directory))
+    plain = paligemma.load_model(directory, dtype=dtype)
+    fast = optimize_for_inference(paligemma.load_model(directory, dtype=dtype))
     batch = random_batch(config, prompt_len=6, suffix_len=0, seed=2)
     outputs = []
     for model in (plain, fast):
@@ -62,6 +65,16 @@ def test_optimized_cached_decoding_matches_plain(checkpoint):
             logits.append(model.decode_step(logits[-1].argmax(-1), positions, cache))
         outputs.append(torch.stack(logits, 1))
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(gemv_bf16() is None, reason="the bf16 decode kernel is unavailable on this machine")
+@pytest.mark.parametrize("rows, n, k", [(1, 37, 64), (3, 300, 100), (8, 1000, 2048), (2, 17, 31), (5, 64, 32)])
+def test_decode_kernel_equals_float_accumulation(rows, n, k):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+    exact = torch.nn.functional.linear(x.float(), w.float())
+    # float32 accumulation in another order: at most one bf16 rounding step apart.
+    torch.testing.assert_close(gemv_bf16()(x, w).float(), exact, atol=1e-3, rtol=2 ** -8)
 
 
 def test_optimizing_twice_or_loading_into_is_an_error(checkpoint):
