@@ -66,29 +66,58 @@ def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
+# Rows are quantized in blocks small enough to stay in cache (10x faster than whole matrices, and no
+# float32 copy of a 0.5 G-entry LM head). The packed layout is blocked by 64 rows, so blocks of a
+# multiple of 64 rows pack to the same bytes as the whole matrix (tested).
+_ROW_BLOCK = 256
+
+
+def _by_row_blocks(weight: torch.Tensor, group_size: int, quantize_block, planes: int) -> list[torch.Tensor]:
+    n, k = weight.shape
+    block = _ROW_BLOCK if n % 64 == 0 else n
+    out = []
+    for _ in range(planes):
+        out += [torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)]
+    for start in range(0, n, block):
+        rows = slice(start, start + block)
+        for i, part in enumerate(quantize_block(weight[rows].float(), group_size)):
+            if i % 2 == 0:
+                out[i][rows] = part
+            else:
+                out[i][:, rows] = part
+    return out
+
+
+def _int4_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    w = w.view(n, k // group_size, group_size)
+    low, high = w.aminmax(dim=-1)
+    scale = ((high - low) / 15).clamp_(min=1e-8).bfloat16().float()
+    zero = (low + 8 * scale).bfloat16().float()  # the value that q = 8 stands for
+    q = w.sub(zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
+    return _pack(q.view(n, k)), _scales_zeros(scale, zero)
+
+
+def _int8_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    n, k = w.shape
+    w = w.view(n, k // group_size, group_size)
+    scale = (w.abs().amax(-1) / 127).clamp_(min=1e-8).bfloat16().float()
+    q = w.div(scale[..., None]).round_().clamp_(-127, 127).to(torch.int32)  # (N, K/g, g)
+    hi = q.bitwise_right_shift(4)  # floor(q / 16): -8..7
+    lo = q.bitwise_and_(15)  # q - 16 hi: 0..15
+    # The kernel dequantizes (q - 8) * scale + zero: hi plane q = hi + 8 with scale 16 s; lo plane q = lo, zero 8 s.
+    return (_pack(hi.add_(8).view(n, k)), _scales_zeros(16 * scale, torch.zeros_like(scale)),
+            _pack(lo.view(n, k)), _scales_zeros(scale, 8 * scale))
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit, per group: returns (packed (N, K/2) uint8, scales_zeros (K/g, N, 2) bf16)."""
-    n, k = weight.shape
-    w = weight.float().view(n, k // group_size, group_size)
-    low, high = w.amin(-1), w.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8).bfloat16().float()
-    zero = (low + 8 * scale).bfloat16().float()  # the value that q = 8 stands for
-    q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15)
-    return _pack(q.view(n, k)), _scales_zeros(scale, zero)
+    return tuple(_by_row_blocks(weight, group_size, _int4_block, 1))
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric 8-bit, per group, as two 4-bit planes: (hi, hi scales_zeros, lo, lo scales_zeros)."""
-    n, k = weight.shape
-    w = weight.float().view(n, k // group_size, group_size)
-    scale = (w.abs().amax(-1) / 127).clamp(min=1e-8).bfloat16().float()
-    q = (w / scale[..., None]).round().clamp(-127, 127).to(torch.int32)  # (N, K/g, g)
-    hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
-    lo = q - 16 * hi  # 0..15
-    # Kernel dequantizes (q - 8) * scale + zero: hi plane q = hi + 8 with scale 16 s; lo plane q = lo, zero 8 s.
-    hi_sz = _scales_zeros(16 * scale, torch.zeros_like(scale))
-    lo_sz = _scales_zeros(scale, 8 * scale)
-    return _pack((hi + 8).view(n, k)), hi_sz, _pack(lo.view(n, k)), lo_sz
+    return tuple(_by_row_blocks(weight, group_size, _int8_block, 2))
 
 
 class QuantizedLinear(nn.Module):

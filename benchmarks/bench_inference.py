@@ -1,0 +1,354 @@
+"""Inference benchmark: ours vs transformers' PaliGemmaForConditionalGeneration on the same CPU and files.
+
+    python benchmarks/bench_inference.py --models pg1 --dtypes bf16 --repeats 2 --threads 1
+
+Writes full-size random-weight checkpoints (bf16 safetensors, sharded) once into benchmarks/cache/,
+then runs every measurement in a fresh worker process, alternating ours and transformers (A B A B)
+so that drift in the machine's load hits both alike, and prints a markdown table of medians.
+
+Measured per (model, dtype, implementation):
+  load (s)           from_pretrained / load_model, files already in the page cache
+  peak RSS (GB)      the worker's ru_maxrss after everything below
+  encode (s)         vision tower + projector, one 224 px image
+  prefill (s)        256 image tokens + a 10-token prompt, up to the first token's logits
+  decode b1 / b8     tokens/s over 64 new tokens (transformers forced with min_new_tokens)
+  cold start (s)     new process: imports, load, encode, prefill, one token
+and, for batch-1 decode, the bytes streamed per token divided by the machine's streaming bandwidth
+(a 1 GiB tensor sum measured in the same run): the "fraction of the physical limit".
+
+Random weights give random tokens, which is all a timing needs. Never imported by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"
+MODELS = {"pg1": "paligemma-3b-224", "pg2": "paligemma2-3b-224"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+PROMPT_LEN = 10  # <bos> + 8 text tokens + "\n"
+NEW_TOKENS = 64
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+def checkpoint_dir(model: str) -> Path:
+    return CACHE / f"{model}-random-bf16"
+
+
+def ensure_checkpoint(model: str) -> Path:
+    """Write a random-weight bf16 checkpoint of the full-size preset, once."""
+    directory = checkpoint_dir(model)
+    if (directory / "config.json").exists() and (directory / "model.safetensors.index.json").exists():
+        return directory
+    import torch
+    from paligemma.config import PaliGemmaConfig
+    from paligemma.model import PaliGemma
+
+    print(f"writing {directory} (random weights, bf16)...", file=sys.stderr, flush=True)
+    config = PaliGemmaConfig.from_preset(MODELS[model])
+    # Built directly in bf16, filled in place: one copy of the weights in memory, never a float32 one.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model_ = PaliGemma(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model_ = model_.to_empty(device="cpu")
+    model_.init_weights(std=0.02, seed=0)
+    model_.save_pretrained(directory, max_shard_bytes=2 * 1024**3)
+    return directory
+
+
+# ---------------------------------------------------------------------- worker (one measurement process)
+
+def _rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
+def _inputs(config, batch: int):
+    import torch
+    g = torch.Generator().manual_seed(batch)
+    n = config.num_image_tokens
+    text = torch.randint(1000, 20000, (batch, PROMPT_LEN), generator=g)
+    text[:, 0], text[:, -1] = 2, 108  # <bos> ... "\n"
+    ids = torch.cat([torch.full((batch, n), config.image_token_index), text], dim=1)
+    size = config.vision.image_size
+    pixels = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    return ids, torch.ones_like(ids), pixels
+
+
+def worker(args) -> dict:
+    import torch
+    torch.set_num_threads(args.threads)
+    t_launch = float(os.environ["BENCH_LAUNCH"])
+    dtype = getattr(torch, DTYPES[args.dtype])
+    directory = checkpoint_dir(args.model)
+    from paligemma.config import PaliGemmaConfig
+    config = PaliGemmaConfig.from_json_file(directory / "config.json")
+    ids1, mask1, pix1 = _inputs(config, 1)
+    out = {}
+    if args.impl == "ours":
+        from paligemma.weights import load_model
+        start = time.perf_counter()
+        model = load_model(directory, dtype=dtype, quantize=args.quantize, optimize=not args.no_optimize)
+        out["load"] = time.perf_counter() - start
+
+        def encode(pixels):
+            return model.encode_images(pixels)
+
+        def prefill(ids, mask, feats):
+            cache = model.new_cache(ids.shape[0], ids.shape[1] + NEW_TOKENS + 1)
+            return model.prefill(ids, mask, cache, image_features=feats), cache
+
+        def decode(ids, mask, feats, steps):
+            logits, cache = prefill(ids, mask, feats)
+            positions = mask.sum(-1)
+            start = time.perf_counter()
+            for _ in range(steps):
+                positions = positions + 1
+                logits = model.decode_step(logits.argmax(-1), positions, cache)
+            return time.perf_counter() - start
+
+        with torch.inference_mode():
+            feats = encode(pix1)
+            logits, _ = prefill(ids1, mask1, feats)
+            int(logits.argmax(-1)[0])
+            out["cold_start"] = time.time() - t_launch
+            out["encode"] = _median(lambda: encode(pix1), args.inner)
+            out["prefill"] = _median(lambda: prefill(ids1, mask1, feats), args.inner)
+            out["decode_b1"] = NEW_TOKENS / decode(ids1, mask1, feats, NEW_TOKENS)
+            if args.batch8:
+                ids8, mask8, pix8 = _inputs(config, 8)
+                feats8 = encode(pix8)
+                out["decode_b8"] = 8 * NEW_TOKENS / decode(ids8, mask8, feats8, NEW_TOKENS)
+        out["weight_bytes"] = _decode_bytes(model)
+    else:
+        from transformers import PaliGemmaForConditionalGeneration
+        start = time.perf_counter()
+        model = PaliGemmaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+        out["load"] = time.perf_counter() - start
+
+        def generate(ids, mask, pixels, new):
+            return model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype),
+                                  token_type_ids=torch.zeros_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False)
+
+        def timed(f):
+            start = time.perf_counter()
+            f()
+            return time.perf_counter() - start
+
+        with torch.inference_mode():
+            generate(ids1, mask1, pix1, 1)
+            out["cold_start"] = time.time() - t_launch
+            out["encode"] = _median(lambda: model.model.get_image_features(pix1.to(dtype)), args.inner)
+            # prefill = encode + prompt forward + first token, minus the encode timed above
+            first = statistics.median(timed(lambda: generate(ids1, mask1, pix1, 1)) for _ in range(args.inner))
+            out["prefill"] = first - out["encode"]
+            out["decode_b1"] = NEW_TOKENS / (timed(lambda: generate(ids1, mask1, pix1, NEW_TOKENS + 1)) - first)
+            if args.batch8:
+                ids8, mask8, pix8 = _inputs(config, 8)
+                first8 = timed(lambda: generate(ids8, mask8, pix8, 1))
+                out["decode_b8"] = 8 * NEW_TOKENS / (timed(lambda: generate(ids8, mask8, pix8, NEW_TOKENS + 1)) - first8)
+        out["weight_bytes"] = _decode_bytes(model)
+    out["total_weight_bytes"] = _decode_bytes(model, vision=True)
+    out["peak_rss_gb"] = _rss_gb()
+    return out
+
+
+def _median(f, n: int) -> float:
+    f()  # warm-up
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _decode_bytes(model, vision: bool = False) -> int:
+    """Bytes a decode step must stream: the decoder's and LM head's weights (vision tower excluded).
+
+    Counted from what the model holds (quantized and packed tensors at their real size); the tied
+    embedding table is read once, as the head (its lookup touches one row).
+    """
+    import torch
+    total = 0
+    seen = set()
+    for name, module in model.named_modules():
+        if not vision and ("vision" in name or "multi_modal_projector" in name):
+            continue
+        if not vision and name.endswith("embed_tokens") and _has_quantized_head(model):
+            continue  # the lookup reads one row; the head streams its own quantized copy
+        for tensor in _module_tensors(module):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            key = tensor.data_ptr() if tensor.layout == torch.strided else id(tensor)  # tied = same storage
+            if key in seen:
+                continue
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _has_quantized_head(model) -> bool:
+    head = getattr(model, "inference_head", None)
+    return head is not None and type(head).__name__ == "QuantizedLinear"
+
+
+def _module_tensors(module):
+    yield from module.parameters(recurse=False)
+    yield from module.buffers(recurse=False)
+    extra = getattr(module, "inference_tensors", None)
+    if extra is not None:
+        yield from extra()
+
+
+# ---------------------------------------------------------------------- driver
+
+def streaming_bandwidth(threads: int) -> float:
+    """GB/s of summing a 1 GiB float32 tensor (best of 5), the streaming read limit for this thread count."""
+    import torch
+    torch.set_num_threads(threads)
+    x = torch.empty(256 * 1024**2).uniform_()
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best / 1e9
+
+
+def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--models", model, "--dtypes", dtype,
+           "--threads", str(args.threads), "--inner", str(args.inner)]
+    cmd += ["--quantize", quantize or ""]
+    if args.batch8:
+        cmd.append("--batch8")
+    if args.no_optimize:
+        cmd.append("--no-optimize")
+    env = dict(os.environ, BENCH_LAUNCH=repr(time.time()), OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # time.time() in both processes: the child's clock starts before its imports.
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {impl:12s} {model} {dtype} {quantize or '':4s} {json.dumps({k: round(v, 3) for k, v in result.items()})}",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="pg1,pg2", help="comma list of pg1, pg2 (default both)")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
+    parser.add_argument("--quantize", default="int8,int4", help="comma list of int8, int4 for ours (bf16 activations), or ''")
+    parser.add_argument("--repeats", type=int, default=2, help="A B rounds per configuration (default 2)")
+    parser.add_argument("--inner", type=int, default=2, help="timed repeats of encode/prefill inside a worker")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker (default 1)")
+    parser.add_argument("--batch8", action="store_true", help="also measure batch-8 decode (slow for transformers)")
+    parser.add_argument("--no-transformers", action="store_true", help="measure ours only")
+    parser.add_argument("--no-optimize", action="store_true", help="ours without fused/packed inference layout")
+    parser.add_argument("--prepare", action="store_true", help="only write the checkpoints")
+    parser.add_argument("--json-out", help="also write the raw results here")
+    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.impl, args.model, args.dtype = args.worker, args.models, args.dtypes
+        args.quantize = args.quantize or None
+        print(json.dumps(worker(args)))
+        return
+    sys.path.insert(0, str(HERE.parent))
+    models = [m for m in args.models.split(",") if m]
+    for model in models:
+        ensure_checkpoint(model)
+    if args.prepare:
+        return
+    bandwidth = streaming_bandwidth(args.threads)
+    print(f"streaming bandwidth ({args.threads} thread(s)): {bandwidth:.1f} GB/s", file=sys.stderr)
+    rows = []
+    for model in models:
+        for dtype in [d for d in args.dtypes.split(",") if d]:
+            runs = {"ours": [], "transformers": []}
+            for _ in range(args.repeats):
+                runs["ours"].append(run_worker(args, "ours", model, dtype, None))
+                if not args.no_transformers:
+                    runs["transformers"].append(run_worker(args, "transformers", model, dtype, None))
+            rows.append((model, dtype, None, runs))
+        for quant in [q for q in args.quantize.split(",") if q]:
+            runs = {"ours": [run_worker(args, "ours", model, "bf16", quant) for _ in range(args.repeats)],
+                    "transformers": []}
+            rows.append((model, "bf16", quant, runs))
+    table = render(rows, bandwidth)
+    print(table)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"bandwidth_gbs": bandwidth, "threads": args.threads,
+                                                   "rows": [[m, d, q, r] for m, d, q, r in rows]}, indent=1))
+
+
+METRICS = [("load", "load s", False), ("peak_rss_gb", "peak RSS GB", False), ("encode", "encode s", False),
+           ("prefill", "prefill s", False), ("decode_b1", "decode b1 tok/s", True),
+           ("decode_b8", "decode b8 tok/s", True), ("cold_start", "cold start s", False)]
+
+
+def _med(runs: list[dict], key: str):
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values else None
+
+
+def render(rows, bandwidth: float) -> str:
+    head = "| model | dtype | quant | metric | ours | transformers | ours/transformers |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    bf16_reference = {}
+    for model, dtype, quant, runs in rows:
+        if quant is None and dtype == "bf16":
+            bf16_reference[model] = runs["transformers"]
+    for model, dtype, quant, runs in rows:
+        ref_runs = runs["transformers"] or (bf16_reference.get(model, []) if quant else [])
+        for key, label, higher in METRICS:
+            ours, ref = _med(runs["ours"], key), _med(ref_runs, key)
+            if ours is None and ref is None:
+                continue
+            ratio = f"{ours / ref:.2f}" if ours is not None and ref else ""
+            ref_label = f"{ref:.3g}" + (" (bf16)" if quant and ref is not None else "") if ref is not None else "-"
+            lines.append(f"| {model} | {dtype} | {quant or '-'} | {label} | "
+                         f"{'-' if ours is None else f'{ours:.3g}'} | {ref_label} | {ratio} |")
+        tok = _med(runs["ours"], "decode_b1")
+        nbytes = _med(runs["ours"], "weight_bytes")
+        if tok and nbytes:
+            achieved = nbytes * tok / 1e9
+            lines.append(f"| {model} | {dtype} | {quant or '-'} | decode b1 GB/s streamed (fraction of "
+                         f"{bandwidth:.1f} GB/s) | {achieved:.1f} ({achieved / bandwidth:.2f}) | | |")
+            b8 = _med(runs["ours"], "decode_b8")
+            if b8:
+                lines.append(f"| {model} | {dtype} | {quant or '-'} | b8 throughput / b1 (ours) | {b8 / tok:.2f} | | |")
+        ref_tok, ref_bytes = _med(ref_runs, "decode_b1"), _med(ref_runs, "weight_bytes")
+        if ref_tok and ref_bytes and not quant:
+            achieved = ref_bytes * ref_tok / 1e9
+            lines.append(f"| {model} | {dtype} | - | decode b1 GB/s streamed, transformers (fraction) | | "
+                         f"{achieved:.1f} ({achieved / bandwidth:.2f}) | |")
+        rss, weights = _med(runs["ours"], "peak_rss_gb"), None
+        if rss:
+            total = _med(runs["ours"], "total_weight_bytes")
+            if total:
+                lines.append(f"| {model} | {dtype} | {quant or '-'} | peak RSS / weights' bytes (ours) | "
+                             f"{rss * 1024**3 / total:.2f} | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
