@@ -300,7 +300,7 @@ def main(argv=None):
                                                    "rows": [[m, d, q, r] for m, d, q, r in rows]}, indent=1))
 
 
-METRICS = [("load", "load s", False), ("peak_rss_gb", "peak RSS GB", False), ("encode", "encode s", False),
+METRICS = [("load", "load s", False), ("peak_rss_gb", "peak RSS GiB", False), ("encode", "encode s", False),
            ("prefill", "prefill s", False), ("decode_b1", "decode b1 tok/s", True),
            ("decode_b8", "decode b8 tok/s", True), ("cold_start", "cold start s", False)]
 

@@ -2,15 +2,18 @@
 
 `optimize_for_inference(model, quantize=None)` rewrites a model in place, once, after loading:
 
-- q/k/v projections become one `qkv` matrix and gate/up one `gate_up` matrix per decoder layer
-  (one weight stream and one kernel call instead of three or two);
+- q/k/v projections become one `qkv` matrix (one weight stream and kernel call instead of three
+  small ones) and gate/up one `gate_up` module per decoder layer;
 - in bf16 on a CPU with AVX512-BF16, the decoder's matrices and the tied LM head stay plain
   row-major tensors and inputs of <= 8 rows (decode steps) go through the C++ kernel of kernels.py,
-  which streams them ~1.5x faster than `F.linear` (same result bit for bit); larger inputs (prefill)
-  use `F.linear`;
-- elsewhere (float32, the vision tower and projector, or no kernel) a weight is kept in oneDNN's
+  which streams them ~1.5-2x faster than `F.linear` (same result up to fp32 summation order); larger
+  inputs (prefill) use `F.linear`. gate and up stay two matrices there (two kernel calls): large
+  matrices stream as fast one by one, and the weights stay in the checkpoint's memory map
+  (weights.py) instead of being copied, which keeps resident memory at one copy of the weights;
+- otherwise (float32, or no kernel) the decoder's weights are concatenated and kept in oneDNN's
   prepacked blocked layout, whose matmul runs ~1.1-1.3x faster than `F.linear` on a row-major
-  weight (measured on the benchmark CPU; same result in bf16, within 1e-5 in float32);
+  weight (measured on the benchmark CPU; within 1e-5 in float32). The vision tower is left as it is:
+  its large matmuls are compute-bound and packing it would copy 0.8 GB out of the memory map;
 - with `quantize="int8" | "int4"` the decoder's matrices and the LM head become `QuantizedLinear`
   (see quantize.py). The vision tower stays in the model's dtype: it runs once per image and its
   large-batch matmuls are compute-bound, where the 4-bit kernel is slower than bf16. The LM head
@@ -48,33 +51,45 @@ class FastLinear(nn.Module):
     and named relative to the parent module; the state dict is written under those names.
     """
 
-    def __init__(self, parts: list[tuple[str, nn.Linear]], pack: bool = True):
+    def __init__(self, parts: list[tuple[str, nn.Linear]], pack: bool = True, concat: bool = True):
         super().__init__()
         weights = [linear.weight.detach() for _, linear in parts]
         biases = [linear.bias for _, linear in parts]
         self.part_names = [name for name, _ in parts]
         self.split_sizes = [w.shape[0] for w in weights]
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.out_features, self.in_features = weight.shape
+        self.in_features, self.out_features = weights[0].shape[1], sum(self.split_sizes)
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.kernel = gemv_bf16() if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+        self.kernel = gemv_bf16() if (weights[0].dtype == torch.bfloat16 and weights[0].device.type == "cpu"
                                       and self.bias is None) else None
+        if self.kernel is not None and not concat:
+            # Kept apart (one kernel call each, outputs concatenated): large matrices stream as fast one by
+            # one, and the weights stay where loading put them (a memory map) instead of being copied.
+            self.weights = [w.contiguous() for w in weights]
+            self.packed = False
+            return
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         self.packed = pack and self.kernel is None and _packing_available(weight)
         # `_reorder_linear_weight` returns an opaque oneDNN tensor; `to_dense()` gives the weight back exactly.
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight.contiguous()
+        self.weights = [torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight.contiguous()]
 
     def inference_tensors(self):
-        return [self.weight] + ([] if self.bias is None else [self.bias])
+        return self.weights + ([] if self.bias is None else [self.bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and _small_rows(x) and x.dtype == torch.bfloat16:
-            return self.kernel(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
+            rows = x.reshape(-1, self.in_features)
+            out = [self.kernel(rows, w) for w in self.weights]
+            return (out[0] if len(out) == 1 else torch.cat(out, -1)).view(*x.shape[:-1], self.out_features)
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weights[0], self.bias, "none", [], "")
+        if len(self.weights) == 1:
+            return F.linear(x, self.weights[0], self.bias)
+        return torch.cat([F.linear(x, w) for w in self.weights], -1)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.weight.to_dense() if self.packed else self.weight
+        if self.packed:
+            return self.weights[0].to_dense()
+        return self.weights[0] if len(self.weights) == 1 else torch.cat(self.weights)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         parent = prefix[:prefix.rstrip(".").rfind(".") + 1]  # "a.b.qkv." -> "a.b."
@@ -114,13 +129,13 @@ class TiedHead(nn.Module):
 
 
 def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: str | None, group_size: int | None,
-             pack: bool) -> None:
+             pack: bool, concat: bool = True) -> None:
     parts = [(name, getattr(owner, name)) for name in old_names]
     if quantize:
         weight = torch.cat([linear.weight.detach() for _, linear in parts]) if len(parts) > 1 else parts[0][1].weight
         module = QuantizedLinear(weight, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
     else:
-        module = FastLinear(parts, pack)
+        module = FastLinear(parts, pack, concat)
     for name in old_names:
         delattr(owner, name)  # drops the float weights as soon as the new module holds its copy
     setattr(owner, new_name, module)
@@ -141,13 +156,8 @@ def optimize_for_inference(model, quantize: str | None = None, group_size: int |
         attn, mlp = layer.self_attn, layer.mlp
         _replace(attn, "qkv", ["q_proj", "k_proj", "v_proj"], quantize, group_size, pack)
         _replace(attn, "o_proj", ["o_proj"], quantize, group_size, pack)
-        _replace(mlp, "gate_up", ["gate_proj", "up_proj"], quantize, group_size, pack)
+        _replace(mlp, "gate_up", ["gate_proj", "up_proj"], quantize, group_size, pack, concat=False)
         _replace(mlp, "down_proj", ["down_proj"], quantize, group_size, pack)
-    if quantize is None:
-        for module in list(model.vision_tower.modules()) + [model.multi_modal_projector]:
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    _replace(module, name, [name], None, None, pack)
     head = model.lm_head.weight if hasattr(model, "lm_head") else model.language_model.embed_tokens.weight
     if quantize is None:
         model.inference_head = TiedHead(head)

@@ -19,7 +19,9 @@ Key layouts understood (all map onto our parameter names by prefix):
 from __future__ import annotations
 
 import json
+import mmap
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -84,15 +86,51 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         dtype = _majority_dtype(sources)
     state = {}
     for file, names in _group_by_file(sources).items():
-        with safe_open(file, framework="pt", device="cpu") as handle:
-            for name, key in names:
-                state[name] = handle.get_tensor(key).to(device=device, dtype=dtype)
+        state.update(_read_tensors(file, names, dtype, device))
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the only references now, so optimizing can free each float weight
     if quantize is not None or optimize:
         from .inference import optimize_for_inference
         optimize_for_inference(model, quantize=quantize)
     return model.eval()
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype,
+                  device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The named tensors of one safetensors file, as `dtype` on `device`.
+
+    Tensors already in `dtype` on the CPU are views of a private (copy-on-write) memory map of the
+    file: no copy, nothing read until used, and pages shared with the OS page cache, so resident
+    memory stays at one copy of the weights and loading takes no time. Other tensors are converted
+    from the map, which is released once the file is done.
+    """
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        if any(header[key]["dtype"] not in _TORCH_DTYPES for _, key in names):
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                return {name: handle.get_tensor(key).to(device=device, dtype=dtype) for name, key in names}
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + header_len
+    out = {}
+    for name, key in names:
+        info = header[key]
+        start, end = info["data_offsets"]
+        source = _TORCH_DTYPES[info["dtype"]]
+        count = (end - start) // source.itemsize
+        if count * source.itemsize != end - start or count != _numel(tuple(info["shape"])):
+            raise CheckpointError(f"{file}: tensor {key} has {end - start} bytes for shape {info['shape']}")
+        if count == 0:
+            out[name] = torch.empty(info["shape"], dtype=dtype, device=device)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable buffer": the map is copy-on-write, writes never reach the file
+            tensor = torch.frombuffer(mapped, dtype=source, count=count, offset=base + start).view(info["shape"])
+        out[name] = tensor.to(device=device, dtype=dtype)
+    return out
 
 
 def checkpoint_files(directory: Path) -> list[Path]:
