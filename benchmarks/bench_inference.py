@@ -235,8 +235,8 @@ def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None) ->
     cmd = [sys.executable, __file__, "--worker", impl, "--models", model, "--dtypes", dtype,
            "--threads", str(args.threads), "--inner", str(args.inner)]
     cmd += ["--quantize", quantize or ""]
-    if args.batch8:
-        cmd.append("--batch8")
+    if (quantize or dtype) in args.batch8.split(","):
+        cmd.append("--worker-batch8")
     if args.no_optimize:
         cmd.append("--no-optimize")
     env = dict(os.environ, BENCH_LAUNCH=repr(time.time()), OMP_NUM_THREADS=str(args.threads),
@@ -260,16 +260,19 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="A B rounds per configuration (default 2)")
     parser.add_argument("--inner", type=int, default=2, help="timed repeats of encode/prefill inside a worker")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker (default 1)")
-    parser.add_argument("--batch8", action="store_true", help="also measure batch-8 decode (slow for transformers)")
+    parser.add_argument("--batch8", default="", help="comma list of configurations that also measure batch-8 decode "
+                        "(slow for transformers), e.g. bf16,int4; default none")
     parser.add_argument("--no-transformers", action="store_true", help="measure ours only")
     parser.add_argument("--no-optimize", action="store_true", help="ours without fused/packed inference layout")
     parser.add_argument("--prepare", action="store_true", help="only write the checkpoints")
     parser.add_argument("--json-out", help="also write the raw results here")
     parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-batch8", dest="worker_batch8", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         args.impl, args.model, args.dtype = args.worker, args.models, args.dtypes
         args.quantize = args.quantize or None
+        args.batch8 = args.worker_batch8
         print(json.dumps(worker(args)))
         return
     sys.path.insert(0, str(HERE.parent))
