@@ -152,7 +152,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernel takes no strides
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         if self.mode == "int4":
             y = mm(x2, self.packed, self.group_size, self.scales_zeros)

@@ -106,6 +106,9 @@ def test_quantized_linear_error_is_what_the_bits_allow(mode, group, max_rel_err)
     # 3-D input and float32 activations come back in the input's shape and dtype.
     assert layer(x.float().view(2, 4, 512)).shape == (2, 4, 256)
     assert layer(x.float()).dtype == torch.float32
+    # A strided input (the last position of a batch, as prefill feeds the LM head) is fine.
+    strided = torch.randn(3, 5, 512).bfloat16()[:, -1]
+    torch.testing.assert_close(layer(strided), layer(strided.contiguous()), atol=0, rtol=0)
     # Output widths that are not a multiple of the kernel's 16-row blocks are padded inside.
     odd = QuantizedLinear(weight[:250], mode, group)
     torch.testing.assert_close(odd(x), layer(x)[:, :250], atol=0, rtol=0)
