@@ -1,0 +1,87 @@
+"""The bundled demo model: it loads, answers held-out scenes, and transformers agrees with it."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import paligemma
+from paligemma.cli import main
+from paligemma.demo.cli import DEMO_MODEL_DIR
+from paligemma.demo.evaluate import evaluate_demo
+from paligemma.demo.recipe import EVAL_SEED0
+from paligemma.demo.scenes import caption, generate_scene
+
+EXAMPLE_SEED = 1_000_005_024
+EXAMPLE_IMAGE = DEMO_MODEL_DIR.parent / "assets" / "example.png"
+PROMPTS = ["caption en", "detect circle", "detect square", "answer en how many circles are there?",
+           "answer en what color is the triangle?"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return paligemma.load_model(DEMO_MODEL_DIR), paligemma.load_processor(DEMO_MODEL_DIR)
+
+
+def test_bundled_model_is_small_enough_to_ship():
+    size = sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir())
+    assert size <= 40 * 1024**2, f"demo model folder is {size / 1024**2:.1f} MB"
+    assert (DEMO_MODEL_DIR / "README.md").exists()
+
+
+def test_example_image_is_the_documented_scene():
+    with Image.open(EXAMPLE_IMAGE) as image:
+        assert image.convert("RGB").tobytes() == generate_scene(EXAMPLE_SEED).image.tobytes()
+
+
+def test_answers_fixed_held_out_questions(demo):
+    """Questions the shipped model gets right (it is undertrained: see the scores in its model card)."""
+    model, processor = demo
+    example, single = generate_scene(EXAMPLE_SEED), generate_scene(EVAL_SEED0 + 30_000)
+    answers = paligemma.generate(
+        model, processor, [example.image, example.image, single.image],
+        ["answer en what color is the triangle?", "answer en how many squares are there?", "caption en"],
+        max_new_tokens=24)
+    assert answers == ["red", "0", caption(single)]
+
+
+def test_scores_on_fixed_held_out_scenes(demo):
+    """A regression check on 24 scenes, well below the 500-scene figures of the model card."""
+    model, processor = demo
+    scores = evaluate_demo(model, processor, num_scenes=24, seed0=EVAL_SEED0 + 20_000)
+    assert scores.counting_accuracy >= 0.25
+    assert scores.color_accuracy >= 0.35
+    assert scores.absent_shape_empty >= 0.75
+    assert scores.malformed_detect_answers == 0
+
+
+def test_transformers_loads_it_and_gives_the_same_greedy_answers(demo):
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    model, processor = demo
+    reference = PaliGemmaForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR).eval()
+    reference_processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR)
+    images = [generate_scene(EVAL_SEED0 + 30_000 + i).image for i in range(len(PROMPTS))]
+    inputs = reference_processor(images=images, text=PROMPTS, return_tensors="pt", padding="longest")
+    ours = processor(images=images, prompts=PROMPTS)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_values"):
+        assert torch.equal(inputs[key], ours[key]), key
+    with torch.no_grad():
+        generated = reference.generate(**inputs, max_new_tokens=24, do_sample=False)
+    eos = processor.tokenizer.eos_id
+    expected = []
+    for row in generated[:, inputs["input_ids"].shape[1]:].tolist():
+        expected.append(row[:row.index(eos) + 1] if eos in row else row)  # transformers pads after <eos>
+    results = paligemma.generate_detailed(model, processor, images, PROMPTS, max_new_tokens=24)
+    assert [r.token_ids for r in results] == expected
+
+
+def test_cli_default_model_detects_and_draws(tmp_path, capsys):
+    out = tmp_path / "boxes.png"
+    assert main(["generate", "--prompt", "detect circle", "--json", "--draw", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["finish_reason"] == "eos" and result["image_size"] == [224, 224]
+    assert result["detection_errors"] == [] and all(d["label"] == "circle" for d in result["detections"])
+    with Image.open(out) as drawn:
+        assert drawn.size[0] >= 224
