@@ -28,7 +28,7 @@ from .hub import CheckpointError, resolve_checkpoint
 from .images import ImageError, load_image
 from .processor import load_processor
 from .sampling import SamplingParams
-from .segmentation import mask_to_rle, parse_segmentations
+from .segmentation import parse_segmentations
 from .tasks import parse_detections, prompt_task
 from .tokenizer import TokenizerError
 from .weights import load_model
@@ -176,8 +176,7 @@ def run_generate(args: argparse.Namespace) -> int:
             record["detections"] = [{"label": d.label, "box": d.box} for d in detections.objects]
             record["detection_errors"] = detections.errors
         if segments is not None:
-            record["segmentations"] = [{"label": o.label, "box": o.box, "mask_rle": mask_to_rle(o.mask)}
-                                       for o in segments.objects]
+            record["segmentations"] = [o.as_json() for o in segments.objects]
             record["segmentation_errors"] = segments.errors
         print(json.dumps(record))
     elif not args.stream:

@@ -38,6 +38,10 @@ class Segmentation:
     mask: np.ndarray  # bool (height, width) of the original image, True inside the object
     codes: list[int]  # the 16 codes of the answer, row-major over the 4x4 grid
 
+    def as_json(self) -> dict:
+        """{"label", "box", "mask_rle"}: what the CLI's --json and the server return (see `mask_to_rle`)."""
+        return {"label": self.label, "box": self.box, "mask_rle": mask_to_rle(self.mask)}
+
 
 @dataclass
 class SegmentationResult:

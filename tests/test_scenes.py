@@ -1,8 +1,10 @@
 """The shapes world: determinism, geometry, and the exact answer formats of the demo tasks."""
 
+import hashlib
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +22,12 @@ from paligemma.demo.scenes import (
     detect_prompt,
     generate_scene,
     iou,
+    mask_iou,
     sample_example,
     sample_task,
     scene_examples,
+    segment_answer,
+    segment_prompt,
     write_dataset_jsonl,
 )
 
@@ -208,3 +213,120 @@ def test_detect_answers_agree_with_the_library_encoder_and_parser(many_scenes):
             assert [d.label for d in result.objects] == [shape] * len(truth)
             for d, box in zip(result.objects, truth):
                 assert np.allclose(d.box, box, atol=0.5)  # bins are 224/1023 px wide
+
+
+# ---------------------------------------------------------------------- the default data is pinned
+
+def test_default_sampling_is_unchanged():
+    """A training run depends on these exact examples: segment support must not move a single one."""
+    assert sample_example(0)[1:] == ("detect triangle", "<loc0539><loc0192><loc0891><loc0543> triangle ; "
+                                     "<loc0119><loc0680><loc0352><loc0913> triangle")
+    assert sample_example(3)[1:] == ("caption en", "a purple circle, a green square and an orange triangle")
+    assert sample_example(4)[1:] == ("detect triangle", "<loc0343><loc0653><loc0539><loc0849> triangle")
+    assert sample_example(10)[1:] == ("answer en how many circles are there?", "0")
+    digest = hashlib.sha256()
+    for seed in range(300):
+        digest.update(json.dumps(sample_example(seed)[1:]).encode())
+    assert digest.hexdigest() == "b2b334633b1c1eaa74bd996599556f85099b3fa3b0a7bc1acf1bd920fe2a3663"
+    assert scenes.TASK_MIX == {"caption": 0.25, "detect": 0.40, "count": 0.20, "color": 0.15}
+    assert all(not prefix.startswith("segment") for prefix, _ in scene_examples(generate_scene(3)))
+
+
+# ---------------------------------------------------------------------- segment answers
+
+SEGMENT_RE = re.compile(r"^((?:<loc\d{4}>){4})((?:<seg\d{3}>){16}) (circle|square|triangle)$")
+SHIPPED_CODEC = Path(scenes.__file__).parent.parent / "demo_model" / "mask_codec.safetensors"
+
+
+@pytest.fixture(scope="module")
+def random_codec():
+    """An untrained codec: its codes are arbitrary but deterministic, which is all the format needs."""
+    import torch
+
+    from paligemma.vqvae import MaskCodec, MaskCodecConfig
+
+    torch.manual_seed(0)
+    return MaskCodec(MaskCodecConfig(num_codes=128, embed_dim=8, hidden=8, encoder_channels=(4, 4, 8, 8))).eval()
+
+
+@pytest.fixture(scope="module")
+def shipped_codec():
+    from paligemma.vqvae import load_mask_codec
+
+    if not SHIPPED_CODEC.is_file():
+        pytest.skip(f"{SHIPPED_CODEC} is not installed")
+    return load_mask_codec(SHIPPED_CODEC)
+
+
+def test_segment_answer_format(many_scenes, random_codec):
+    import torch
+
+    from paligemma.segmentation import mask_to_64
+
+    assert segment_prompt("circle") == "segment circle"
+    for scene in many_scenes[:40]:
+        for shape in SHAPES:
+            answer = segment_answer(scene, shape, random_codec)
+            matches = [o for o in scene.objects if o.shape == shape]
+            if not matches:
+                assert answer == ""
+                continue
+            parts = answer.split(" ; ")
+            assert len(parts) == len(matches)
+            with torch.no_grad():
+                codes = random_codec.encode(np.stack([mask_to_64(o.mask, o.box) for o in matches])).tolist()
+            for part, detected, object_codes in zip(parts, detect_answer(scene, shape).split(" ; "), codes):
+                locs, segs, label = SEGMENT_RE.match(part).groups()
+                assert label == shape and detected == f"{locs} {shape}"  # the box exactly as in detect
+                assert [int(v) for v in re.findall(r"<seg(\d{3})>", segs)] == object_codes
+
+
+def test_segment_answers_decode_back_to_the_objects_masks(many_scenes, shipped_codec):
+    from paligemma.segmentation import parse_segmentations
+
+    ious = []
+    for scene in many_scenes[:40]:
+        for shape in SHAPES:
+            truth = [o for o in scene.objects if o.shape == shape]
+            result = parse_segmentations(segment_answer(scene, shape, shipped_codec), (scene.size,) * 2, shipped_codec)
+            assert result.errors == [] and [o.label for o in result.objects] == [shape] * len(truth)
+            for parsed, obj in zip(result.objects, truth):
+                assert np.allclose(parsed.box, obj.box, atol=0.5)
+                ious.append(mask_iou(parsed.mask, obj.mask))
+    # The box goes through the 1024 location bins and is truncated to whole pixels (big_vision's
+    # convention), which costs a pixel row or column now and then: ~0.95 on average.
+    assert min(ious) > 0.8 and np.mean(ious) > 0.92, (min(ious), np.mean(ious))
+
+
+def test_segment_examples_only_with_a_codec(random_codec):
+    prefixes = [sample_example(seed)[1] for seed in range(200)]
+    assert not any(p.startswith("segment") for p in prefixes)
+    tasks = Counter()
+    for seed in range(200):
+        scene = generate_scene(seed)
+        task, prefix, suffix = sample_task(scene, np.random.default_rng(seed), random_codec)  # SEGMENT_TASK_MIX
+        assert (prefix, suffix) in scene_examples(scene, random_codec)
+        tasks[task] += 1
+    assert set(tasks) == set(scenes.SEGMENT_TASK_MIX) and tasks["segment"] > 0.4 * 0.25 * 200
+    assert sum(scenes.SEGMENT_TASK_MIX.values()) == pytest.approx(1.0)
+    # With a codec but the original mix: the original examples.
+    assert [sample_example(seed, codec=random_codec, mix=scenes.TASK_MIX)[1:] for seed in range(20)] == \
+        [sample_example(seed)[1:] for seed in range(20)]
+    image, prefix, suffix = sample_example(7, codec=random_codec, mix={"segment": 1.0})
+    assert prefix.startswith("segment ") and image.tobytes() == generate_scene(7).image.tobytes()
+    assert suffix == segment_answer(generate_scene(7), prefix.split()[1], random_codec)
+    with pytest.raises(ValueError, match="mask codec"):
+        sample_example(7, mix=scenes.SEGMENT_TASK_MIX)
+    with pytest.raises(ValueError, match="task mix"):
+        sample_example(7, mix={"ocr": 1.0})
+
+
+def test_mask_iou():
+    a = np.zeros((4, 4), bool)
+    b = a.copy()
+    assert mask_iou(a, b) == 0.0
+    a[:2] = True
+    b[1:3] = True
+    assert mask_iou(a, a) == 1.0 and mask_iou(a, b) == pytest.approx(4 / 12)
+    with pytest.raises(ValueError, match="shapes"):
+        mask_iou(a, np.zeros((4, 5), bool))

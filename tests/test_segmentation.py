@@ -3,6 +3,7 @@ big_vision's Flax/TF math on an npz in `vae-oid.npz`'s layout, safetensors round
 for a few seconds round-tripping simple masks, strict answer parsing, mask placement and drawing."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,3 +436,112 @@ def test_mask_rle_round_trip():
         assert rle["size"] == list(mask.shape) and sum(rle["counts"]) == mask.size
         assert np.array_equal(rle_to_mask(rle), mask)
     assert mask_to_rle(np.array([[True, True, False]]))["counts"] == [0, 2, 1]
+
+
+# ---------------------------------------------------------------------- the demo's codec and segmentation score
+
+def test_segmentation_as_json_is_the_documented_record():
+    from paligemma.segmentation import rle_to_mask
+
+    mask = np.zeros((3, 4), bool)
+    mask[1, 1:3] = True
+    record = Segmentation("cat", [1.0, 1.0, 3.0, 2.0], mask, list(range(16))).as_json()
+    assert record == {"label": "cat", "box": [1.0, 1.0, 3.0, 2.0], "mask_rle": {"size": [3, 4], "counts": [5, 2, 5]}}
+    assert np.array_equal(rle_to_mask(record["mask_rle"]), mask)
+
+
+def _rect(x0, y0, x1, y1, size=(10, 10)):
+    mask = np.zeros(size, bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_match_masks_greedy_one_to_one():
+    from paligemma.demo.evaluate import match_masks
+
+    a, b = _rect(0, 0, 4, 4), _rect(6, 6, 10, 10)
+    assert match_masks([], []) == [] and match_masks([], [a]) == []
+    assert match_masks([a, b], []) == [0.0, 0.0]  # nothing predicted: both objects count 0
+    assert match_masks([a, b], [b, a]) == [1.0, 1.0]  # order of the predictions does not matter
+    assert match_masks([a, b], [a]) == [1.0, 0.0]  # a missing object counts 0
+    assert match_masks([a], [_rect(0, 0, 4, 2), a, b]) == [1.0]  # extra predictions lower nothing
+    assert match_masks([a], [_rect(5, 5, 6, 6)]) == [0.0]  # no overlap, no match
+    # One prediction overlapping two objects goes to the one it overlaps most; the other gets its own.
+    left, right = _rect(0, 0, 5, 4), _rect(5, 0, 10, 4)
+    wide = _rect(1, 0, 10, 4)  # IoU 16/40 with left, 20/36 with right
+    assert match_masks([left, right], [wide]) == [0.0, pytest.approx(20 / 36)]
+    assert match_masks([left, right], [wide, _rect(0, 0, 4, 4)]) == [pytest.approx(16 / 20), pytest.approx(20 / 36)]
+    # Ties go to the earlier true mask.
+    same = _rect(0, 0, 4, 4)
+    assert match_masks([same, same.copy()], [same]) == [1.0, 0.0]
+
+
+def test_demo_eval_scores_segment_answers(monkeypatch):
+    """evaluate_demo end to end with answers written from the scenes themselves (a perfect model):
+    the segmentation score is then the codec's ceiling through the answer text, the rest 100%."""
+    from paligemma.demo import evaluate, scenes
+    from paligemma.demo.recipe import EVAL_SEED0
+    from paligemma.vqvae import load_mask_codec
+
+    path = Path(scenes.__file__).parent.parent / "demo_model" / "mask_codec.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} is not installed")
+    codec = load_mask_codec(path)
+    seed0, n = EVAL_SEED0 + 40_000, 6
+    by_image = {scenes.generate_scene(seed0 + i).image.tobytes(): scenes.generate_scene(seed0 + i) for i in range(n)}
+    prompts_seen = []
+
+    def perfect(model, processor, images, prompts, max_new_tokens):
+        prompts_seen.extend(prompts)
+        answers = []
+        for image, prompt in zip(images, prompts):
+            answers.append(dict(scenes.scene_examples(by_image[image.tobytes()], codec))[prompt])
+        return answers
+
+    monkeypatch.setattr(evaluate, "generate", perfect)
+    without = evaluate.evaluate_demo(None, None, num_scenes=n, seed0=seed0)
+    assert not any(p.startswith("segment") for p in prompts_seen)
+    assert without.segmentation_miou is None and "segmentation_miou" not in without.as_dict()
+    assert "segment" not in without.table()
+
+    prompts_seen.clear()
+    scores = evaluate.evaluate_demo(None, None, num_scenes=n, seed0=seed0, codec=codec)
+    present = sum(len({o.shape for o in by_image[k].objects}) for k in by_image)
+    assert sum(p.startswith("segment ") for p in prompts_seen) == present  # present shapes only
+    assert (scores.detection_recall, scores.counting_accuracy, scores.caption_exact_match) == (1.0, 1.0, 1.0)
+    assert scores.malformed_segment_answers == 0
+    assert scores.segment_predictions == sum(len(s.objects) for s in by_image.values())
+    assert 0.9 < scores.segmentation_miou < 1.0
+    assert scores.as_dict()["segmentation_miou"] == scores.segmentation_miou
+    assert "| segmentation mean mask IoU |" in scores.table()
+
+    # An empty answer for every segment prompt: every object scores 0.
+    monkeypatch.setattr(evaluate, "generate", lambda m, p, images, prompts, max_new_tokens: [
+        "" if q.startswith("segment") else a for q, a in zip(prompts, perfect(m, p, images, prompts, 0))])
+    assert evaluate.evaluate_demo(None, None, num_scenes=n, seed0=seed0, codec=codec).segmentation_miou == 0.0
+
+
+def test_shipped_demo_codec_and_its_training_script(tmp_path, capsys):
+    import json
+
+    from paligemma.demo import scenes
+    from paligemma.demo.train_mask_codec import CODEC_CONFIG, main, reconstruction_iou
+
+    path = Path(scenes.__file__).parent.parent / "demo_model" / "mask_codec.safetensors"
+    if path.is_file():
+        assert path.stat().st_size < 2 * 1024 * 1024
+        codec = load_mask_codec(path)
+        assert codec.config == CODEC_CONFIG
+        scores = reconstruction_iou(codec, num_scenes=10)
+        assert min(scores["box"].values()) > 0.98 and scores["answer"]["all"] > 0.9, scores
+
+    # The script end to end, a few steps: seeded, so two runs write the same bytes.
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["--out", str(out), "--steps", "12", "--train-scenes", "8", "--eval-scenes", "2"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["bytes"] == out.stat().st_size and set(report["reconstruction_iou"]["box"]) >= {"all"}
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    assert load_mask_codec(tmp_path / "a.safetensors").config == CODEC_CONFIG

@@ -22,10 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
+    segmentation = parser.add_mutually_exclusive_group()
+    segmentation.add_argument("--mask-codec", type=Path, metavar="FILE",
+                              help="score `segment` answers decoded with this VQ-VAE (default: the checkpoint's "
+                                   "mask_codec.safetensors, if it has one)")
+    segmentation.add_argument("--no-segmentation", action="store_true", help="skip the segmentation score")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli import MASK_CODEC_FILE
     from ..processor import load_processor
+    from ..vqvae import load_mask_codec
     from ..weights import load_model
     from .evaluate import evaluate_demo
     from .recipe import EVAL_SEED0
@@ -34,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.scenes < 1:
         raise ValueError(f"--scenes must be >= 1, got {args.scenes}")
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    codec_path = args.mask_codec or Path(directory) / MASK_CODEC_FILE
+    if args.mask_codec and not args.mask_codec.is_file():
+        raise ValueError(f"--mask-codec {args.mask_codec} does not exist")
+    codec = None if args.no_segmentation or not codec_path.is_file() else load_mask_codec(codec_path)
     model, processor = load_model(directory, dtype=dtype), load_processor(directory)
     started = time.perf_counter()
 
@@ -43,12 +54,13 @@ def run(args: argparse.Namespace) -> int:
 
     scores = evaluate_demo(model, processor, num_scenes=args.scenes,
                            seed0=EVAL_SEED0 if args.seed0 is None else args.seed0,
-                           batch_size=args.batch_size, progress=progress)
+                           batch_size=args.batch_size, progress=progress, codec=codec)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if args.json:
         print(json.dumps(scores.as_dict(), indent=1))
     else:
         print(scores.table())
-        print(f"\n{directory}: {args.scenes} scenes in {time.perf_counter() - started:.0f} s")
+        print(f"\n{directory}: {args.scenes} scenes in {time.perf_counter() - started:.0f} s"
+              + (f"; masks decoded with {codec_path}" if codec is not None else ""))
     return 0

@@ -6,6 +6,13 @@
 - counting: `answer en how many {shape}s are there?` for every shape, exact match.
 - colour: `answer en what color is the {shape}?` for every shape present exactly once, exact match.
 - captions: `caption en`, exact match of the whole sentence.
+- segmentation (only with a mask codec, e.g. the checkpoint's `mask_codec.safetensors`): `segment
+  {shape}` for every shape present in the scene; each answer is decoded with the codec into
+  full-resolution masks (`parse_segmentations`), the masks labelled with that shape are matched
+  one-to-one to the true objects of that shape greedily by mask IoU (highest pair first), and the
+  score is the mean IoU over all true objects, an unmatched object counting 0. Extra predicted masks
+  lower nothing but are counted among `segment_predictions`; malformed objects are counted like
+  detect's.
 """
 
 from __future__ import annotations
@@ -13,14 +20,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..generation import generate
+from ..segmentation import parse_segmentations
 from ..tasks import parse_detections
 from .recipe import EVAL_SEED0, SCENE_SIZE
-from .scenes import (CAPTION_PROMPT, SHAPES, caption, color_answer, color_prompt, count_answer, count_prompt,
-                     detect_prompt, generate_scene, iou, unique_shapes)
+from .scenes import (CAPTION_PROMPT, SHAPES, caption, color_answer, color_prompt, count, count_answer, count_prompt,
+                     detect_prompt, generate_scene, iou, mask_iou, segment_prompt, unique_shapes)
 
 IOU_THRESHOLD = 0.5
-# Answer lengths in tokens: a detect answer is at most 4 objects x (4 locs + label + " ;").
-_MAX_NEW_TOKENS = {"detect": 32, "caption": 24, "count": 4, "color": 4}
+# Answer lengths in tokens: a detect answer is at most 4 objects x (4 locs + label + " ;"), a segment
+# answer 4 x (4 locs + 16 segs + label + " ;").
+_MAX_NEW_TOKENS = {"detect": 32, "caption": 24, "count": 4, "color": 4, "segment": 96}
 
 
 @dataclass
@@ -33,9 +42,13 @@ class DemoScores:
     color_accuracy: float
     caption_exact_match: float
     malformed_detect_answers: int
+    # Only when evaluated with a mask codec (None otherwise, and left out of as_dict).
+    segmentation_miou: float | None = None
+    segment_predictions: int | None = None  # masks labelled with the asked shape, matched or not
+    malformed_segment_answers: int | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if not (v is None and k in _SEGMENT_FIELDS)}
 
     def table(self) -> str:
         rows = [("detection recall (IoU >= 0.5)", self.detection_recall),
@@ -45,13 +58,21 @@ class DemoScores:
                 ("caption exact match", self.caption_exact_match)]
         lines = [f"| metric ({self.scenes} held-out scenes) | score |", "|---|---|"]
         lines += [f"| {name} | {value:.1%} |" for name, value in rows]
+        if self.segmentation_miou is not None:
+            lines.append(f"| segmentation mean mask IoU | {self.segmentation_miou:.1%} |")
         lines.append(f"| malformed detect answers | {self.malformed_detect_answers} |")
+        if self.malformed_segment_answers is not None:
+            lines.append(f"| malformed segment answers | {self.malformed_segment_answers} |")
         return "\n".join(lines)
 
 
+_SEGMENT_FIELDS = ("segmentation_miou", "segment_predictions", "malformed_segment_answers")
+
+
 def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEED0, batch_size: int = 64,
-                  progress=None) -> DemoScores:
-    """Generate greedy answers for every task on `num_scenes` scenes (seeds seed0...) and score them."""
+                  progress=None, codec=None) -> DemoScores:
+    """Generate greedy answers for every task on `num_scenes` scenes (seeds seed0...) and score them;
+    with a mask codec (`paligemma.vqvae.MaskCodec`) segmentation too."""
     scenes = [generate_scene(seed0 + i, SCENE_SIZE) for i in range(num_scenes)]
     # (task, scene index, shape or None, prompt, expected answer)
     items = []
@@ -61,6 +82,8 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
             items.append(("detect", index, shape, detect_prompt(shape), None))
             items.append(("count", index, shape, count_prompt(shape), count_answer(scene, shape)))
         items += [("color", index, s, color_prompt(s), color_answer(scene, s)) for s in unique_shapes(scene)]
+        if codec is not None:
+            items += [("segment", index, s, segment_prompt(s), None) for s in SHAPES if count(scene, s)]
 
     answers: dict[int, str] = {}
     for task, max_new_tokens in _MAX_NEW_TOKENS.items():
@@ -76,7 +99,16 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
     exact = {"caption": [], "count": [], "color": []}
     found = objects = predicted = correct_predictions = malformed = 0
     absent_empty = []
+    segment_ious, segment_predictions, segment_malformed = [], 0, 0
     for i, (task, index, shape, _, expected) in enumerate(items):
+        if task == "segment":
+            scene = scenes[index]
+            result = parse_segmentations(answers[i], (SCENE_SIZE, SCENE_SIZE), codec)
+            segment_malformed += bool(result.errors)
+            predicted_masks = [o.mask for o in result.objects if o.label == shape]
+            segment_predictions += len(predicted_masks)
+            segment_ious += match_masks([o.mask for o in scene.objects if o.shape == shape], predicted_masks)
+            continue
         if task != "detect":
             exact[task].append(answers[i].strip() == expected)
             continue
@@ -103,7 +135,27 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
         detection_precision=correct_predictions / max(predicted, 1), absent_shape_empty=mean(absent_empty),
         counting_accuracy=mean(exact["count"]), color_accuracy=mean(exact["color"]),
         caption_exact_match=mean(exact["caption"]), malformed_detect_answers=malformed,
+        **({} if codec is None else dict(segmentation_miou=mean(segment_ious), segment_predictions=segment_predictions,
+                                         malformed_segment_answers=segment_malformed)),
     )
+
+
+def match_masks(truth: list, predicted: list) -> list[float]:
+    """Each true mask's IoU with the predicted mask matched to it, 0.0 when none is.
+
+    Greedy one-to-one matching: pairs are taken by decreasing IoU (ties: the earlier true mask, then
+    the earlier prediction), each mask used at most once; pairs that do not overlap are never matched.
+    """
+    pairs = sorted(((-mask_iou(t, p), ti, pi) for ti, t in enumerate(truth) for pi, p in enumerate(predicted)))
+    scores, used_truth, used_predicted = [0.0] * len(truth), set(), set()
+    for negative_iou, ti, pi in pairs:
+        if negative_iou >= 0.0:
+            break
+        if ti not in used_truth and pi not in used_predicted:
+            scores[ti] = -negative_iou
+            used_truth.add(ti)
+            used_predicted.add(pi)
+    return scores
 
 
 def _match(truth: list, boxes: list) -> int:

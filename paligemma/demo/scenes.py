@@ -44,13 +44,24 @@ Prompts and answers (prefix -> suffix)
 - ``answer en how many {shape}s are there?`` -> the count as one digit, "0".."4".
 - ``answer en what color is the {shape}?`` -> the colour name, e.g. "purple". Only asked when
   exactly ONE object of that shape is in the scene (otherwise the question has no single answer).
-- ``segment {shape}`` is not produced yet; the masks it will need are stored on every object.
+- ``segment {shape}`` -> for each object of that shape, in canonical order, the four location
+  tokens of its box (exactly as in detect), 16 segmentation tokens and the label:
+  "<locYMIN><locXMIN><locYMAX><locXMAX><seg017><seg003>...(16 in all) {shape}", objects joined by
+  " ; "; "" for an absent shape. The 16 tokens are the codes (0..127, written with 3 digits) that a
+  mask codec (`paligemma.vqvae.MaskCodec`, big_vision's VQ-VAE) encodes the object's mask to: the
+  mask cropped to its box and resized to 64x64 (`segmentation.mask_to_64`), a 4x4 grid of codes in
+  row-major order. Reading an answer back decodes the codes to a 64x64 mask and resizes it into the
+  box (`segmentation.parse_segmentations`). The answer therefore depends on the codec: the demo's is
+  `paligemma/demo_model/mask_codec.safetensors`, trained on these masks by
+  `python -m paligemma.demo.train_mask_codec`. Segment examples exist only where a codec is passed.
 
 Training mix (`sample_example`)
 -------------------------------
-caption 25%, detect 40%, count 20%, colour 15%. A detect example asks for an absent shape with
-probability 20% (when some shape is absent), else for a present one. A colour example falls back
-to a count question when no shape occurs exactly once.
+Without a codec (`TASK_MIX`): caption 25%, detect 40%, count 20%, colour 15%. With a codec the
+default is `SEGMENT_TASK_MIX`: caption 20%, detect 30%, count 15%, colour 10%, segment 25%. A detect
+or segment example asks for an absent shape with probability 20% (when some shape is absent), else
+for a present one. A colour example falls back to a count question when no shape occurs exactly
+once.
 """
 
 from __future__ import annotations
@@ -59,12 +70,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..tasks import format_detections
+
+if TYPE_CHECKING:
+    from ..vqvae import MaskCodec
 
 SHAPES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -92,6 +106,9 @@ CAPTION_PROMPT = "caption en"
 TASKS = ("caption", "detect", "count", "color")
 TASK_MIX = {"caption": 0.25, "detect": 0.40, "count": 0.20, "color": 0.15}
 DETECT_ABSENT_PROB = 0.20
+# The mix once the model learns segmentation; sampling it needs a mask codec.
+SEGMENT_TASK_MIX = {"caption": 0.20, "detect": 0.30, "count": 0.15, "color": 0.10, "segment": 0.25}
+SEGMENT_ABSENT_PROB = 0.20
 
 # Streams of randomness derived from one seed: the scene and the choice of task are independent.
 _SCENE_STREAM = 0
@@ -238,6 +255,19 @@ def detect_answer(scene: Scene, shape: str) -> str:
     return format_detections(matches, (scene.size, scene.size))
 
 
+def segment_prompt(shape: str) -> str:
+    return f"segment {shape}"
+
+
+def segment_answer(scene: Scene, shape: str, codec: MaskCodec) -> str:
+    """Answer to "segment {shape}": "<loc..>x4<seg...>x16 {shape}" per match joined by " ; "; "" when
+    absent. The codes are `codec`'s encoding of each object's mask inside its box."""
+    from ..segmentation import format_segmentations
+
+    matches = [(o.shape, o.box, o.mask) for o in scene.objects if o.shape == shape]
+    return format_segmentations(matches, (scene.size, scene.size), codec)
+
+
 def count(scene: Scene, shape: str) -> int:
     return sum(o.shape == shape for o in scene.objects)
 
@@ -260,13 +290,16 @@ def unique_shapes(scene: Scene) -> list[str]:
     return [s for s in SHAPES if count(scene, s) == 1]
 
 
-def scene_examples(scene: Scene) -> list[tuple[str, str]]:
+def scene_examples(scene: Scene, codec: MaskCodec | None = None) -> list[tuple[str, str]]:
     """Every (prefix, suffix) pair for a scene: caption, detect and count for each shape (absent
-    shapes included), and colour for each shape that occurs exactly once."""
+    shapes included), and colour for each shape that occurs exactly once; with a codec, segment for
+    each shape too."""
     examples = [(CAPTION_PROMPT, caption(scene))]
     examples += [(detect_prompt(s), detect_answer(scene, s)) for s in SHAPES]
     examples += [(count_prompt(s), count_answer(scene, s)) for s in SHAPES]
     examples += [(color_prompt(s), color_answer(scene, s)) for s in unique_shapes(scene)]
+    if codec is not None:
+        examples += [(segment_prompt(s), segment_answer(scene, s, codec)) for s in SHAPES]
     return examples
 
 
@@ -274,13 +307,29 @@ def _pick(rng: np.random.Generator, items: list[str]) -> str:
     return items[int(rng.integers(len(items)))]
 
 
-def sample_task(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """Draw one (task, prefix, suffix) for `scene` following TASK_MIX (see the module docstring)."""
+def _task_mix(codec: MaskCodec | None, mix: Mapping[str, float] | None) -> Mapping[str, float]:
+    """The mix to sample: `mix`, else SEGMENT_TASK_MIX with a codec and TASK_MIX without."""
+    if mix is None:
+        return TASK_MIX if codec is None else SEGMENT_TASK_MIX
+    unknown = set(mix) - set(TASKS) - {"segment"}
+    if unknown or not mix:
+        raise ValueError(f"a task mix names tasks among {TASKS + ('segment',)}, got {dict(mix)}")
+    if mix.get("segment") and codec is None:
+        raise ValueError("segment examples need a mask codec (codec=...)")
+    return mix
+
+
+def sample_task(scene: Scene, rng: np.random.Generator, codec: MaskCodec | None = None,
+                mix: Mapping[str, float] | None = None) -> tuple[str, str, str]:
+    """Draw one (task, prefix, suffix) for `scene` following `mix` (default: TASK_MIX, or
+    SEGMENT_TASK_MIX when a mask codec is given; see the module docstring). Tasks are tried in the
+    mix's order against one uniform draw, so the default reproduces the original sampler exactly."""
+    mix = _task_mix(codec, mix)
     r = rng.random()
     cumulative = 0.0
-    task = TASKS[-1]
-    for name in TASKS:
-        cumulative += TASK_MIX[name]
+    task = list(mix)[-1]
+    for name, share in mix.items():
+        cumulative += share
         if r < cumulative:
             task = name
             break
@@ -298,15 +347,23 @@ def sample_task(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     if task == "count":
         shape = _pick(rng, list(SHAPES))
         return task, count_prompt(shape), count_answer(scene, shape)
+    if task == "segment":
+        absent = [s for s in SHAPES if s not in present]
+        pool = absent if absent and rng.random() < SEGMENT_ABSENT_PROB else present
+        shape = _pick(rng, pool)
+        return task, segment_prompt(shape), segment_answer(scene, shape, codec)
     shape = _pick(rng, unique_shapes(scene))
     return task, color_prompt(shape), color_answer(scene, shape)
 
 
-def sample_example(seed: int, size: int = 224) -> tuple[Image.Image, str, str]:
+def sample_example(seed: int, size: int = 224, codec: MaskCodec | None = None,
+                   mix: Mapping[str, float] | None = None) -> tuple[Image.Image, str, str]:
     """One training example for `seed`: the image of `generate_scene(seed, size)` and a
-    (prefix, suffix) drawn from the task mix with a random stream independent of the scene's."""
+    (prefix, suffix) drawn from the task mix with a random stream independent of the scene's.
+    Without `codec` and `mix` this is the original demo data, unchanged; with a codec the mix
+    defaults to SEGMENT_TASK_MIX."""
     scene = generate_scene(seed, size)
-    _, prefix, suffix = sample_task(scene, np.random.default_rng([_TASK_STREAM, seed]))
+    _, prefix, suffix = sample_task(scene, np.random.default_rng([_TASK_STREAM, seed]), codec, mix)
     return scene.image, prefix, suffix
 
 
@@ -352,6 +409,15 @@ def iou(box_a: tuple[float, float, float, float], box_b: tuple[float, float, flo
     area_b = max(0.0, box_b[2] - box_b[0]) * max(0.0, box_b[3] - box_b[1])
     union = area_a + area_b - inter
     return inter / union if union > 0 else 0.0
+
+
+def mask_iou(mask_a: np.ndarray, mask_b: np.ndarray) -> float:
+    """Intersection over union of two bool masks of the same shape; 0.0 if both are empty."""
+    mask_a, mask_b = np.asarray(mask_a, dtype=bool), np.asarray(mask_b, dtype=bool)
+    if mask_a.shape != mask_b.shape:
+        raise ValueError(f"masks of different shapes {mask_a.shape} and {mask_b.shape}")
+    union = np.count_nonzero(mask_a | mask_b)
+    return np.count_nonzero(mask_a & mask_b) / union if union else 0.0
 
 
 def write_dataset_jsonl(
