@@ -134,9 +134,10 @@ def stream_generate(model: PaliGemma, processor, images, prompts: str | Sequence
     images/prompts as for the processor: one image (or a list of images) per prompt.
     Every setting is one value for the batch or a list with one value per prompt; `stop` is a
     string, a list of strings for every row, or a list of such lists, one per row.
-    `image_features` (num_images, N, D) may be passed instead of encoding `images` again.
+    `image_features` (num_images, N, D) may be passed instead of encoding `images` again; the
+    images are then neither loaded nor resized, only counted.
     """
-    inputs = processor(images=images, prompts=prompts)
+    inputs = processor(images=images, prompts=prompts, with_pixels=image_features is None)
     batch = inputs["input_ids"].shape[0]
     max_new = _per_row(max_new_tokens, batch, "max_new_tokens")
     params = [SamplingParams(temperature=t, top_p=p, top_k=k) for t, p, k in zip(

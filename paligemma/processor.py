@@ -61,7 +61,8 @@ class Processor:
         self.num_image_tokens = num_image_tokens
 
     def __call__(self, images, prompts: str | Sequence[str], suffixes: str | Sequence[str] | None = None,
-                 padding_side: str | None = None, max_length: int | None = None) -> ProcessorOutput:
+                 padding_side: str | None = None, max_length: int | None = None,
+                 with_pixels: bool = True) -> ProcessorOutput:
         """Build a batch.
 
         images: one image per prompt (a list, or a single image for a single prompt), or a list
@@ -70,6 +71,9 @@ class Processor:
         suffixes: training targets, one per prompt; adds `labels`.
         padding_side: "left" or "right"; default left without suffixes, right with them.
         max_length: raise ValueError if a sample is longer (nothing is ever truncated).
+        with_pixels: False skips loading and resizing the images (no `pixel_values`; original sizes
+            are None): for callers that already hold the images' features. `images` then only
+            says how many images each prompt has.
         """
         prompts = self._check_texts(prompts, "prompts")
         image_lists = self._group_images(images, len(prompts))
@@ -94,6 +98,8 @@ class Processor:
             sequences.append((prefix + suffix, len(prefix)))
 
         tensors = self._pad(sequences, padding_side, with_labels=suffixes is not None)
+        if not with_pixels:
+            return ProcessorOutput(tensors, [[None] * len(image_list) for image_list in image_lists])
         flat_images = [image for image_list in image_lists for image in image_list]
         pixels = self.image_processor(flat_images)
         tensors["pixel_values"] = pixels.pixel_values

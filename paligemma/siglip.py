@@ -38,12 +38,15 @@ class SiglipAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D). `key_mask` (B, N) bool, False on padding, is only needed by text
+        towers built from these layers (paligemma.contrastive); image patches are never padded."""
         b, n, _ = x.shape
         q, k, v = (proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))  # each (B, H, N, hd)
         # Every patch sees every patch: no mask. SDPA's default scale is head_dim^-0.5, as in SigLIP.
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, hd)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -65,8 +68,8 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_mask)
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -65,6 +65,19 @@ def test_vision_tower_runs_once_per_image(loaded, skimage_photos):
     assert calls == [2]
 
 
+def test_precomputed_image_features_skip_the_images_entirely(loaded, skimage_photos):
+    model, processor, _ = loaded
+    images = _images(skimage_photos, 2)
+    expected = generate_detailed(model, processor, images, PROMPTS[:2], max_new_tokens=6)
+    with torch.no_grad():
+        features = model.encode_images(processor(images=images, prompts=PROMPTS[:2])["pixel_values"])
+    # Placeholders that would fail to load: with features given, the images are only counted.
+    events = stream_generate(model, processor, ["not/a/file.png", "neither.png"], PROMPTS[:2], max_new_tokens=6,
+                             image_features=features)
+    results = {e.index: e.result for e in events if e.result is not None}
+    assert [results[i].token_ids for i in range(2)] == [r.token_ids for r in expected]
+
+
 def test_sampling_is_reproducible_with_a_seed(loaded, skimage_photos):
     model, processor, _ = loaded
     image = skimage_photos["astronaut"]

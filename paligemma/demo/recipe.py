@@ -13,13 +13,15 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..config import PaliGemmaConfig, TextConfig, VisionConfig
 from ..model import PaliGemma
 from ..spm_builder import SpmLayout, build_paligemma_spm
 from .scenes import corpus_lines
 
-DEMO_IMAGE_SIZE = 112  # the scenes are drawn at 224 px; the processor resizes them, as for any photo
+DEMO_IMAGE_SIZE = 96  # the scenes are drawn at 224 px; the processor resizes them, as for any photo
+DEMO_PATCH_SIZE = 8  # 12x12 = 144 image tokens: a shape spans 2-4 patches a side
 SCENE_SIZE = 224
 TOKENIZER_VOCAB = 400  # special + byte pieces + learned pieces (the corpus yields fewer)
 # Seeds of training scenes count up from TRAIN_SEED0; evaluation scenes start far away, so a
@@ -28,11 +30,16 @@ TRAIN_SEED0 = 0
 EVAL_SEED0 = 10**9
 
 
+def demo_vision_config(image_size: int = DEMO_IMAGE_SIZE, patch_size: int | None = None) -> VisionConfig:
+    """The demo's SigLIP tower (also the image half of the contrastive dual encoder)."""
+    return VisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
+                        patch_size=patch_size or DEMO_PATCH_SIZE, image_size=image_size)
+
+
 def demo_config(layout: SpmLayout) -> PaliGemmaConfig:
     """The demo architecture for a tokenizer layout (the vocabulary size comes from the tokenizer)."""
     vocab = math.ceil(layout.vocab_size / 64) * 64  # padded like the released 257216-row tables
-    vision = VisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
-                          patch_size=14, image_size=DEMO_IMAGE_SIZE)
+    vision = demo_vision_config()
     text = TextConfig(model_type="gemma", vocab_size=vocab, hidden_size=256, intermediate_size=1024,
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                       max_position_embeddings=256)
@@ -72,8 +79,12 @@ def init_location_embeddings(model: PaliGemma, layout: SpmLayout, std: float = 0
     table[layout.loc_start:layout.loc_start + 1024] = codes + torch.randn_like(codes) * std / 2
 
 
-def create_initial_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write an untrained demo checkpoint (weights, config, tokenizer, preprocessing) to `out_dir`."""
+def create_initial_checkpoint(out_dir: str | Path, seed: int = 0, vision_tower: str | Path | None = None) -> Path:
+    """Write an untrained demo checkpoint (weights, config, tokenizer, preprocessing) to `out_dir`.
+
+    `vision_tower`: a safetensors file of `vision_tower.*` weights (a contrastively pretrained tower
+    from `paligemma.demo.pretrain_vision`) to start from instead of random ones.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layout = build_paligemma_spm(corpus_lines(), out_dir / "tokenizer.model", vocab_size=TOKENIZER_VOCAB)
@@ -81,8 +92,21 @@ def create_initial_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = PaliGemma(config).init_weights(seed=seed)
     init_location_embeddings(model, layout)
+    if vision_tower is not None:
+        load_vision_tower(model, vision_tower)
     model.save_pretrained(out_dir)
     (out_dir / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(DEMO_IMAGE_SIZE, config.num_image_tokens), indent=2) + "\n")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     return out_dir
+
+
+def load_vision_tower(model: PaliGemma, path: str | Path) -> None:
+    """Copy a pretrained tower's `vision_tower.*` tensors into `model`; every tower weight must be there."""
+    tower = load_file(str(path))
+    expected = {k for k in model.state_dict() if k.startswith("vision_tower.")}
+    if set(tower) != expected:
+        missing, unexpected = sorted(expected - set(tower)), sorted(set(tower) - expected)
+        raise ValueError(f"{path} does not match the demo's vision tower: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (was it pretrained with the same image and patch size?)")
+    model.load_state_dict(tower, strict=False)

@@ -52,18 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--init", help="start from this checkpoint instead of fresh weights")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--vision-init", type=Path,
+                        help="start the vision tower from this vision_tower.safetensors (written by "
+                             "python -m paligemma.demo.pretrain_vision) instead of random weights")
+    parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
     init = Path(args.init) if args.init else out / "init"
     if not args.init and not (init / "config.json").exists():
-        create_initial_checkpoint(init, seed=args.seed)
+        create_initial_checkpoint(init, seed=args.seed, vision_tower=args.vision_init)
+    elif args.vision_init:
+        raise SystemExit("--vision-init only applies to a fresh start (no --init, no existing init/)")
     model, processor = load_model(init), load_processor(init)
     config = TrainConfig(
         out_dir=str(out), model_dir=str(init), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         warmup_steps=args.warmup_steps, min_lr_ratio=0.05, weight_decay=args.weight_decay, max_grad_norm=1.0,
         bf16=True, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, log_every=10,
-        resume=args.resume, eval_batch_size=64,
+        resume=args.resume, eval_batch_size=64, freeze=("vision",) if args.freeze_vision else (),
     )
     train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
