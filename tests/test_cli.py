@@ -134,6 +134,26 @@ def test_segment_prompt_decodes_masks_with_the_codec(capsys, monkeypatch, tmp_pa
         assert drawn.size == IMAGE_SIZE
 
 
+def test_segment_prompt_uses_the_checkpoints_own_codec(capsys, monkeypatch, tmp_path, tiny_checkpoint_dir, image_file):
+    """Without --mask-codec, generate decodes with the model directory's mask_codec.safetensors."""
+    from paligemma.segmentation import parse_segmentations
+    from paligemma.vqvae import MaskCodec, MaskCodecConfig, load_mask_codec, save_mask_codec
+
+    model_dir = tmp_path / "with-codec"
+    model_dir.mkdir()
+    for file in Path(tiny_checkpoint_dir).iterdir():
+        (model_dir / file.name).symlink_to(file)
+    torch.manual_seed(1)
+    save_mask_codec(MaskCodec(MaskCodecConfig(num_codes=128, embed_dim=8, hidden=8)), model_dir / cli.MASK_CODEC_FILE)
+    answer = f"<loc0100><loc0000><loc0900><loc1023>{''.join(f'<seg{i:03d}>' for i in range(16, 32))} cat"
+    _fake_answer(monkeypatch, answer)
+    code, out, err = _generate(capsys, "--json", model=model_dir, image=image_file, prompt="segment cat")
+    assert code == 0, err
+    [segment] = json.loads(out)["segmentations"]
+    expected = parse_segmentations(answer, IMAGE_SIZE, load_mask_codec(model_dir / cli.MASK_CODEC_FILE)).objects[0]
+    assert segment == json.loads(json.dumps(expected.as_json()))
+
+
 def test_segment_prompt_without_a_codec_fails_before_generating(capsys, tiny_checkpoint_dir, image_file):
     code, _, err = _generate(capsys, model=tiny_checkpoint_dir, image=image_file, prompt="segment cat")
     assert code == 2 and "--mask-codec" in err and "Traceback" not in err

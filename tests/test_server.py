@@ -180,6 +180,45 @@ def test_detect_prompt_carries_boxes_in_original_pixels(server, client, tiny, ph
     assert chunks[-1]["choices"][0]["paligemma"]["detections"][0]["label"] == "circle"
 
 
+def test_segment_prompt_carries_masks_when_the_server_has_a_codec(server, tiny, photos, monkeypatch):
+    import torch
+
+    from paligemma.segmentation import parse_segmentations, rle_to_mask
+    from paligemma.vqvae import MaskCodec, MaskCodecConfig
+
+    model, processor = tiny
+    tokenizer = processor.tokenizer
+    script = ([tokenizer.loc_id(v) for v in (100, 200, 500, 900)] + [tokenizer.seg_id(v) for v in range(40, 56)]
+              + tokenizer.encode(" circle") + [tokenizer.eos_id])
+    calls = force_tokens(monkeypatch, model, script)
+    torch.manual_seed(0)
+    codec = MaskCodec(MaskCodecConfig(num_codes=128, embed_dim=8, hidden=8)).eval()
+    body = {"model": "tiny", "max_tokens": 32,
+            "messages": image_message("segment circle", png_data_uri(photos["coffee"]))}
+
+    # The shared server has no codec: the answer comes back as text, without a paligemma field.
+    choice = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    answer = choice["message"]["content"]
+    assert answer.endswith(" circle") and answer.count("<seg") == 16 and "paligemma" not in choice
+
+    engine = BatchEngine(model, processor, max_batch_size=2, image_cache_size=0)
+    with running_server(create_app(engine, ServerSettings(model_name="tiny"), mask_codec=codec)) as url:
+        calls.clear()
+        choice = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        calls.clear()
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    expected = parse_segmentations(answer, photos["coffee"].size, codec)
+    extension = choice["paligemma"]
+    assert choice["message"]["content"] == answer
+    assert extension["segmentations"] == json.loads(json.dumps([o.as_json() for o in expected.objects]))
+    assert extension["segmentation_errors"] == [] and extension["image_size"] == list(photos["coffee"].size)
+    [segment] = extension["segmentations"]
+    mask = rle_to_mask(segment["mask_rle"])
+    assert segment["label"] == "circle" and mask.shape == photos["coffee"].size[::-1]
+    assert chunks[-1]["choices"][0]["paligemma"] == extension
+
+
 # ---------------------------------------------------------------------- batching and caching
 
 def test_concurrent_requests_are_batched_and_each_equals_its_answer_alone(server, tiny, photos, monkeypatch):

@@ -80,3 +80,34 @@ def test_upload_detect_stream_and_draw_boxes(browser, tiny_checkpoint_dir, tmp_p
         pixel = "Array.from(document.getElementById('view').getContext('2d').getImageData(%d, %d, 1, 1).data)"
         assert browser.execute_script("return " + pixel % (x0, y_mid))[:3] == [255, 0, 255]
         assert browser.execute_script("return " + pixel % (x0 + 40, y_mid))[:3] == [128, 128, 128]
+
+
+def test_segment_answer_masks_are_painted(browser, tiny_checkpoint_dir, tmp_path, monkeypatch):
+    import torch
+
+    from paligemma.vqvae import MaskCodec, MaskCodecConfig
+
+    model, processor = load_model(tiny_checkpoint_dir), load_processor(tiny_checkpoint_dir)
+    tokenizer = processor.tokenizer
+    force_tokens(monkeypatch, model, [tokenizer.loc_id(v) for v in (100, 200, 500, 900)]
+                 + [tokenizer.seg_id(v) for v in range(16)] + tokenizer.encode(" circle") + [tokenizer.eos_id])
+    codec = MaskCodec(MaskCodecConfig(num_codes=128, embed_dim=8, hidden=8)).eval()
+    with torch.no_grad():  # every code decodes to > 0 everywhere: the mask fills its box
+        codec.decoder[12].weight.zero_()
+        codec.decoder[12].bias.fill_(1.0)
+    photo = tmp_path / "gray.png"
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(photo)
+    engine = BatchEngine(model, processor, batch_window_s=0)
+    with running_server(create_app(engine, ServerSettings(model_name="tiny"), mask_codec=codec)) as url:
+        browser.get(url + "/")
+        browser.find_element("id", "file").send_keys(str(photo))
+        _wait(browser, "!document.getElementById('run').disabled")
+        browser.find_element("css selector", "#task option[value=segment]").click()
+        browser.find_element("id", "text").send_keys("circle")
+        browser.find_element("id", "run").click()
+        _wait(browser, "document.getElementById('view').dataset.masks === '1'")
+        assert browser.find_element("id", "status").text.startswith("done (stop)")
+        pixel = "Array.from(document.getElementById('view').getContext('2d').getImageData(%d, %d, 1, 1).data)"
+        inside = browser.execute_script("return " + pixel % (round(550 / 1023 * 400), round(300 / 1023 * 300)))
+        assert inside[0] > 150 and inside[1] < 100  # tinted magenta over the grey
+        assert browser.execute_script("return " + pixel % (20, 20))[:3] == [128, 128, 128]

@@ -65,3 +65,29 @@ def test_serve_runs_a_server_process(tiny_checkpoint_dir):
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_serve_decodes_masks_with_the_checkpoints_codec(tmp_path, tiny_checkpoint_dir, monkeypatch, capsys):
+    import torch
+    import uvicorn
+
+    from paligemma.cli import MASK_CODEC_FILE
+    from paligemma.server import app as server_app
+    from paligemma.vqvae import MaskCodec, MaskCodecConfig, save_mask_codec
+
+    model_dir = tmp_path / "with-codec"
+    model_dir.mkdir()
+    for file in Path(tiny_checkpoint_dir).iterdir():
+        (model_dir / file.name).symlink_to(file)
+    config = MaskCodecConfig(num_codes=128, embed_dim=8, hidden=8)
+    torch.manual_seed(0)
+    save_mask_codec(MaskCodec(config), model_dir / MASK_CODEC_FILE)
+    codecs = []
+    monkeypatch.setattr(server_app, "create_app", lambda engine, settings, mask_codec=None: codecs.append(mask_codec))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    assert main(["serve", "--model", str(model_dir)]) == 0
+    assert main(["serve", "--model", str(tiny_checkpoint_dir)]) == 0
+    assert main(["serve", "--model", str(tiny_checkpoint_dir), "--mask-codec", str(model_dir / MASK_CODEC_FILE)]) == 0
+    assert [None if c is None else c.config for c in codecs] == [config, None, config]
+    assert main(["serve", "--model", str(tiny_checkpoint_dir), "--mask-codec", str(tmp_path / "none.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationResult, StreamEvent
 from ..images import ImageError, load_image
+from ..segmentation import parse_segmentations
 from ..tasks import parse_detections, prompt_task
 from .batcher import BatchEngine, ImageData, Job, QueueFullError
 from .image_sources import FetchLimits, ImageSourceError, read_image_url
@@ -45,8 +46,9 @@ class ServerSettings:
     fetch: FetchLimits = FetchLimits()
 
 
-def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
-    """The app serving `engine`; the engine's worker starts and stops with the app."""
+def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(), mask_codec=None) -> FastAPI:
+    """The app serving `engine`; the engine's worker starts and stops with the app. With `mask_codec`
+    (a `paligemma.vqvae.MaskCodec`), `segment` answers come with their masks."""
 
     async def lifespan(app: FastAPI):
         engine.start()
@@ -97,7 +99,7 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings())
         chat = parse_chat_request(body, settings.request)
         images = await run_in_threadpool(_load_images, chat.image_urls, settings)
         max_tokens = await run_in_threadpool(_max_tokens, chat, engine, len(images), settings.request)
-        completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name)
+        completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name, mask_codec)
         completion.submit()
         if chat.stream:
             # The background task also cancels a job whose client left before the stream began.
@@ -165,9 +167,9 @@ class _Completion:
     """One request in flight: its job in the engine, and the response built from the job's events."""
 
     def __init__(self, request: Request, engine: BatchEngine, chat: ChatRequest, images: list[ImageData],
-                 max_tokens: int, model_name: str):
+                 max_tokens: int, model_name: str, mask_codec=None):
         self.request, self.engine, self.chat, self.images = request, engine, chat, images
-        self.model_name = model_name
+        self.model_name, self.mask_codec = model_name, mask_codec
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.events: asyncio.Queue[StreamEvent | Exception] = asyncio.Queue()
@@ -219,7 +221,7 @@ class _Completion:
             watcher.cancel()
         choice = {"index": 0, "message": {"role": "assistant", "content": event.result.text, "refusal": None},
                   "logprobs": None, "finish_reason": _FINISH_REASONS[event.result.finish_reason]}
-        choice.update(self._extension(event.result))
+        choice.update(await run_in_threadpool(self._extension, event.result))
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
                 "choices": [choice], "usage": _usage(event.result), "system_fingerprint": None}
 
@@ -240,7 +242,8 @@ class _Completion:
                     yield self._chunk({"content": event.text})
                 if event.result is not None:
                     break
-            yield self._chunk({}, _FINISH_REASONS[event.result.finish_reason], self._extension(event.result))
+            extension = await run_in_threadpool(self._extension, event.result)
+            yield self._chunk({}, _FINISH_REASONS[event.result.finish_reason], extension)
             if self.chat.include_usage:
                 yield self._data({"choices": [], "usage": _usage(event.result)})
             yield "data: [DONE]\n\n"
@@ -257,12 +260,18 @@ class _Completion:
         return f"data: {json.dumps(chunk)}\n\n"
 
     def _extension(self, result: GenerationResult) -> dict:
-        """The `paligemma` field of a choice: detections for detect prompts (boxes in original pixels)."""
-        if prompt_task(self.chat.prompt) != "detect":
-            return {}
-        found = parse_detections(result.text, self.images[0].size)
-        return {"paligemma": {"detections": [{"label": d.label, "box": d.box} for d in found.objects],
-                              "detection_errors": found.errors, "image_size": list(self.images[0].size)}}
+        """The `paligemma` field of a choice: detections for detect prompts, masks for segment prompts
+        when the server has a mask codec (boxes in original pixels). Decoding masks is blocking work."""
+        task, size = prompt_task(self.chat.prompt), self.images[0].size
+        if task == "detect":
+            found = parse_detections(result.text, size)
+            return {"paligemma": {"detections": [{"label": d.label, "box": d.box} for d in found.objects],
+                                  "detection_errors": found.errors, "image_size": list(size)}}
+        if task == "segment" and self.mask_codec is not None:
+            segmented = parse_segmentations(result.text, size, self.mask_codec)
+            return {"paligemma": {"segmentations": [o.as_json() for o in segmented.objects],
+                                  "segmentation_errors": segmented.errors, "image_size": list(size)}}
+        return {}
 
 
 def _usage(result: GenerationResult) -> dict:

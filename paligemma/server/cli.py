@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from ..cli import _DTYPES, DEMO_MODEL_DIR, _device
+from ..cli import _DTYPES, DEMO_MODEL_DIR, MASK_CODEC_FILE, _device
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
 
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds allowed for fetching a remote image, redirects included (default 10)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--mask-codec", metavar="FILE",
+                        help="VQ-VAE that decodes segment answers into masks: big_vision's vae-oid.npz or a "
+                             f".safetensors codec (default: the checkpoint's {MASK_CODEC_FILE}, if it has one)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"paligemma serve needs FastAPI and uvicorn ({err}): pip install 'paligemma[serve]'") from None
     from ..hub import resolve_checkpoint
     from ..processor import load_processor
+    from ..vqvae import load_mask_codec
     from ..weights import load_model
     from .batcher import BatchEngine
     from .image_sources import FetchLimits
@@ -84,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no --model given and the bundled demo model is not installed ({DEMO_MODEL_DIR}); pass "
                          "--model with a checkpoint directory or Hub repo id")
     directory = resolve_checkpoint(args.model or DEMO_MODEL_DIR)
+    codec_path = args.mask_codec or directory / MASK_CODEC_FILE
+    if args.mask_codec and not os.path.isfile(args.mask_codec):
+        raise ValueError(f"--mask-codec {args.mask_codec} does not exist")
+    mask_codec = load_mask_codec(codec_path) if os.path.isfile(codec_path) else None
     processor = load_processor(directory, max_pixels=args.max_image_pixels)
     model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device).eval()
 
@@ -99,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                           timeout_s=args.remote_image_timeout))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"serving {settings.model_name} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(engine, settings, mask_codec), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
