@@ -76,7 +76,8 @@ def reconstruction_iou(codec: MaskCodec, num_scenes: int = 500, seed0: int = EVA
             if not truth:
                 continue
             parsed = parse_segmentations(segment_answer(scene, shape, codec), (size, size), codec)
-            assert not parsed.errors and len(parsed.objects) == len(truth), parsed.errors
+            if parsed.errors or len(parsed.objects) != len(truth):
+                raise RuntimeError(f"scene {seed}: the segment answer did not parse back: {parsed.errors}")
             # The answer lists the objects in canonical order, like `truth`.
             scores["answer"].setdefault(shape, []).extend(
                 mask_iou(p.mask, o.mask) for p, o in zip(parsed.objects, truth))
