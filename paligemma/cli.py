@@ -31,12 +31,12 @@ from .sampling import SamplingParams
 from .segmentation import parse_segmentations
 from .tasks import parse_detections, prompt_task
 from .tokenizer import TokenizerError
+from .vqvae import MASK_CODEC_FILE
 from .weights import load_model
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_MODEL_DIR = PACKAGE_DIR / "demo_model"
 EXAMPLE_IMAGE = PACKAGE_DIR / "assets" / "example.png"
-MASK_CODEC_FILE = "mask_codec.safetensors"  # a checkpoint's own VQ-VAE for `segment` answers, when it has one
 
 EXIT_USER_ERROR = 2  # bad arguments, files, checkpoints, images (argparse uses 2 as well)
 EXIT_BUG = 1  # anything unexpected: printed with its traceback

@@ -44,6 +44,7 @@ from torch import nn
 GRID = 4  # codes form a GRID x GRID grid
 NUM_TOKENS = GRID * GRID  # 16 <seg> tokens per mask
 MASK_SIZE = 64  # decoded / encoded mask side
+MASK_CODEC_FILE = "mask_codec.safetensors"  # a checkpoint's own codec for `segment` answers, when it has one
 _NUM_LAYERS = 4  # stride-2 layers: 64 = 4 * 2**4
 _NUM_RES_BLOCKS = 2
 

@@ -42,7 +42,7 @@ def demo_config(layout: SpmLayout) -> PaliGemmaConfig:
     vision = demo_vision_config()
     text = TextConfig(model_type="gemma", vocab_size=vocab, hidden_size=256, intermediate_size=1024,
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
-                      max_position_embeddings=256)
+                      max_position_embeddings=512)
     return PaliGemmaConfig(vision=vision, text=text, image_token_index=layout.image_id,
                            pad_token_id=layout.pad_id, eos_token_id=layout.eos_id, bos_token_id=layout.bos_id)
 

@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from ..finetune.data import Example, FinetuneDataset
 from ..finetune.trainer import TrainConfig, train
 from ..processor import load_processor
+from ..vqvae import MASK_CODEC_FILE, MaskCodec, load_mask_codec
 from ..weights import load_model
 from .recipe import EVAL_SEED0, SCENE_SIZE, TRAIN_SEED0, create_initial_checkpoint
 from .scenes import sample_example
 
+DEMO_MASK_CODEC = Path(__file__).resolve().parent.parent / "demo_model" / MASK_CODEC_FILE
+
 
 class SceneDataset(FinetuneDataset):
-    """`length` examples drawn by `sample_example(seed0 + i)`, each made when it is indexed."""
+    """`length` examples drawn by `sample_example(seed0 + i, codec=codec)`, each made when it is indexed
+    (with a mask codec the mix includes `segment`: scenes.SEGMENT_TASK_MIX)."""
 
-    def __init__(self, length: int, seed0: int):
-        self.length, self.seed0 = length, seed0
+    def __init__(self, length: int, seed0: int, codec: MaskCodec | None = None):
+        self.length, self.seed0, self.codec = length, seed0, codec
         self.problems = []
 
     def __len__(self) -> int:
@@ -35,7 +40,7 @@ class SceneDataset(FinetuneDataset):
     def __getitem__(self, index: int) -> Example:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        image, prefix, suffix = sample_example(self.seed0 + index, SCENE_SIZE)
+        image, prefix, suffix = sample_example(self.seed0 + index, SCENE_SIZE, codec=self.codec)
         return Example(image, prefix, suffix, where=f"scene {self.seed0 + index}")
 
 
@@ -56,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start the vision tower from this vision_tower.safetensors (written by "
                              "python -m paligemma.demo.pretrain_vision) instead of random weights")
     parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed")
+    parser.add_argument("--segment", action="store_true",
+                        help="add `segment {shape}` examples (scenes.SEGMENT_TASK_MIX), coded with the bundled "
+                             "mask codec, which is copied into the checkpoints")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -71,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         bf16=True, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, log_every=10,
         resume=args.resume, eval_batch_size=64, freeze=("vision",) if args.freeze_vision else (),
     )
-    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0)
+    codec = None
+    if args.segment:
+        codec = load_mask_codec(DEMO_MASK_CODEC)
+        shutil.copy(DEMO_MASK_CODEC, init / MASK_CODEC_FILE)  # every checkpoint copies init's extra files
+    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0, codec)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
-    eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE) for i in range(64)]
+    eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE, codec=codec) for i in range(64)]
     summary = train(model, processor, train_data, config, eval_data=eval_data)
     scores = [{k: v for k, v in e.items() if not isinstance(v, (list, dict))} for e in summary.evals]
     print(json.dumps({"final_loss": summary.final_loss, "evals": scores, "final_dir": summary.final_dir,

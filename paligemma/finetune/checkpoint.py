@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..model import PaliGemma
+from ..vqvae import MASK_CODEC_FILE
 from ..weights import load_model
 from . import lora
 from .distributed import (DistEnv, all_gather_tensor, barrier, full_model_state, full_optimizer_state,
@@ -39,7 +40,8 @@ ADAPTER_DIR = "adapter"
 # Files of a checkpoint folder besides the weights, copied so the folder loads on its own.
 PROCESSOR_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "preprocessor_config.json", "processor_config.json",
-                   "generation_config.json", "chat_template.json")
+                   "generation_config.json", "chat_template.json",
+                   MASK_CODEC_FILE)  # not a processor file, but part of a checkpoint that answers `segment`
 
 
 def save_model_folder(model: PaliGemma, directory: Path, model_dir: str | Path | None) -> None:
