@@ -9,8 +9,8 @@ encodes: each object of the training scenes (seeds TRAIN_SEED0...) cropped to it
 EVAL_SEED0...) the way an answer is read back: encode, decode, resize into the object's box and
 threshold at 0 (`segmentation.mask_in_box`), then IoU with the drawn mask; and a second time through
 the whole answer text (`scenes.segment_answer` -> `parse_segmentations`), whose box has gone through
-the 1024 location bins. Everything is seeded and runs on one thread, so the same command writes the
-same file.
+the 1024 location bins. Everything is seeded and runs on one thread, so the same command gives the
+same weights.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         parser.error("--out must end with .safetensors")
 
-    torch.set_num_threads(1)  # the same arithmetic, so the same file, on any machine with this torch
+    torch.set_num_threads(1)  # the same arithmetic, so the same weights, on any machine with this torch
     started = time.perf_counter()
     codec, losses = train_codec(args.train_scenes, args.steps, args.batch_size, args.lr, args.seed)
     train_seconds = time.perf_counter() - started
