@@ -232,7 +232,7 @@ def color_prompt(shape: str) -> str:
     return f"answer en what color is the {shape}?"
 
 
-def _noun_phrase(color: str, shape: str) -> str:
+def noun_phrase(color: str, shape: str) -> str:
     article = "an" if color[0] in "aeiou" else "a"
     return f"{article} {color} {shape}"
 
@@ -246,7 +246,7 @@ def _join_phrases(phrases: list[str]) -> str:
 
 def caption(scene: Scene) -> str:
     """Answer to "caption en": every object, in canonical order."""
-    return _join_phrases([_noun_phrase(o.color, o.shape) for o in scene.objects])
+    return _join_phrases([noun_phrase(o.color, o.shape) for o in scene.objects])
 
 
 def detect_answer(scene: Scene, shape: str) -> str:
@@ -389,7 +389,7 @@ def corpus_lines() -> Iterator[str]:
     yield " ; ".join(SHAPES)
     yield from (str(n) for n in range(MAX_OBJECTS + 1))
     yield from COLORS
-    phrases = [_noun_phrase(c, s) for c in COLORS for s in SHAPES]
+    phrases = [noun_phrase(c, s) for c in COLORS for s in SHAPES]
     yield from phrases
     for a in phrases:
         for b in phrases:
