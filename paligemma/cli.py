@@ -124,6 +124,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--quantize", choices=["int8", "int4"],
                         help="weight-only quantization of the decoder and LM head at load time (CPU)")
+    add_optimize_argument(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object (see docs/cli.md)")
@@ -153,7 +154,8 @@ def run_generate(args: argparse.Namespace) -> int:
     directory = resolve_checkpoint(model_dir)
     codec = _mask_codec(args.mask_codec, directory) if task == "segment" else None  # before the slow part
     processor = load_processor(directory)
-    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device, quantize=args.quantize)
+    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device, quantize=args.quantize,
+                       optimize=not args.no_optimize)
     load_seconds = time.perf_counter() - start
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -189,6 +191,12 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             draw_caption(image, result.text, args.draw)
     return 0
+
+
+def add_optimize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="load the model as trained instead of rewritten for inference (fused, prepacked "
+                             "matrices and the bf16 decode kernel; see paligemma/inference.py)")
 
 
 def _mask_codec(codec_path: str | None, model_dir: Path):

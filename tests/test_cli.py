@@ -61,6 +61,21 @@ def test_plain_prints_just_the_answer(capsys, tiny_checkpoint_dir, image_file, e
     assert out == expected_caption + "\n"
 
 
+@pytest.mark.parametrize("flags, optimized", [((), True), (("--no-optimize",), False)])
+def test_model_is_optimized_for_inference_unless_asked_not_to(capsys, monkeypatch, tiny_checkpoint_dir, image_file,
+                                                               expected_caption, flags, optimized):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["optimize"])
+        return paligemma.load_model(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load_model", spy)
+    code, out, _ = _generate(capsys, *flags, model=tiny_checkpoint_dir, image=image_file)
+    assert code == 0 and out == expected_caption + "\n"  # same greedy answer either way
+    assert seen == [optimized]
+
+
 def test_stream_prints_the_same_answer(capsys, tiny_checkpoint_dir, image_file, expected_caption):
     code, out, _ = _generate(capsys, "--stream", model=tiny_checkpoint_dir, image=image_file)
     assert code == 0 and out == expected_caption + "\n"

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     codec = None
     if args.segment:
         codec = load_mask_codec(DEMO_MASK_CODEC)
-        shutil.copy(DEMO_MASK_CODEC, init / MASK_CODEC_FILE)  # every checkpoint copies init's extra files
+        if not (init / MASK_CODEC_FILE).exists():
+            shutil.copy(DEMO_MASK_CODEC, init / MASK_CODEC_FILE)  # checkpoints copy it from init
     train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0, codec)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
     eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE, codec=codec) for i in range(64)]

@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 
-from ..cli import _DTYPES, DEMO_MODEL_DIR, MASK_CODEC_FILE, _device
+from ..cli import _DTYPES, DEMO_MODEL_DIR, _device, add_optimize_argument
+from ..vqvae import MASK_CODEC_FILE
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
 
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-image-timeout", type=float, default=10.0,
                         help="seconds allowed for fetching a remote image, redirects included (default 10)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization of the decoder and LM head at load time (CPU)")
+    add_optimize_argument(parser)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--mask-codec", metavar="FILE",
                         help="VQ-VAE that decodes segment answers into masks: big_vision's vae-oid.npz or a "
@@ -93,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--mask-codec {args.mask_codec} does not exist")
     mask_codec = load_mask_codec(codec_path) if os.path.isfile(codec_path) else None
     processor = load_processor(directory, max_pixels=args.max_image_pixels)
-    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device).eval()
+    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device, quantize=args.quantize,
+                       optimize=not args.no_optimize).eval()
 
     engine = BatchEngine(model, processor, max_batch_size=args.max_batch_size,
                          image_cache_size=args.image_cache_size, batch_window_s=args.batch_window_ms / 1000,
