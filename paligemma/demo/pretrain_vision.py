@@ -56,21 +56,23 @@ class PairEncoder:
         return pad_texts(ids, self.tokenizer.pad_id)
 
 
-def scene_batch(seeds: range, encoder: PairEncoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    scenes = [generate_scene(seed, SCENE_SIZE) for seed in seeds]
+def scene_batch(seeds: range, encoder: PairEncoder,
+                scene_size: int = SCENE_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    scenes = [generate_scene(seed, scene_size) for seed in seeds]
     captions = [caption(scene) for scene in scenes]
     ids, mask = encoder.texts(captions)
     return encoder.pixels([s.image for s in scenes]), ids, mask, captions
 
 
 @torch.no_grad()
-def evaluate(model: DualEncoder, encoder: PairEncoder, num_scenes: int = 500, batch_size: int = 100) -> dict:
+def evaluate(model: DualEncoder, encoder: PairEncoder, num_scenes: int = 500, batch_size: int = 100,
+             scene_size: int = SCENE_SIZE) -> dict:
     """Zero-shot classification of one-object scenes and retrieval recall@1 on `num_scenes` held-out scenes."""
     model.eval()
     image_embeds, text_embeds, captions, single = [], [], [], []
     for start in range(0, num_scenes, batch_size):
         seeds = range(EVAL_SCENE_SEED0 + start, EVAL_SCENE_SEED0 + min(start + batch_size, num_scenes))
-        pixels, ids, mask, batch_captions = scene_batch(seeds, encoder)
+        pixels, ids, mask, batch_captions = scene_batch(seeds, encoder, scene_size)
         image_embeds.append(model.encode_images(pixels))
         text_embeds.append(model.encode_texts(ids, mask))
         captions += batch_captions
@@ -103,10 +105,13 @@ def build_model(loss: str, tokenizer: Tokenizer, seed: int, vision: VisionConfig
 
 def pretrain(out: Path, loss: str = "sigmoid", batch_size: int = 64, steps: int = 1500, lr: float = 1e-3,
              warmup_steps: int = 100, weight_decay: float = 1e-4, seed: int = 0, eval_every: int = 250,
-             eval_scenes: int = 500, vision: VisionConfig | None = None, log=print) -> dict:
+             eval_scenes: int = 500, vision: VisionConfig | None = None, scene_size: int = SCENE_SIZE,
+             log=print) -> dict:
     """Train a dual encoder from scratch and write it (see the module docstring); returns the last evaluation.
 
     `vision`: the tower to train (default: the demo model's, so the result can initialise it).
+    `scene_size`: the side scenes are drawn at before the processor resizes them to the tower's
+    input (the demo draws at 224; a small experiment can draw at its tower's size, much faster).
     """
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(DEMO_TOKENIZER)
@@ -124,7 +129,7 @@ def pretrain(out: Path, loss: str = "sigmoid", batch_size: int = 64, steps: int 
         for step in range(steps):
             set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, min_lr_ratio=0.05))
             first = PRETRAIN_SEED0 + step * batch_size
-            pixels, ids, mask, _ = scene_batch(range(first, first + batch_size), encoder)
+            pixels, ids, mask, _ = scene_batch(range(first, first + batch_size), encoder, scene_size)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 image_embeds, text_embeds = model.encode_images(pixels), model.encode_texts(ids, mask)
             value = model.loss(image_embeds.float(), text_embeds.float())  # the loss itself in float32
@@ -136,7 +141,7 @@ def pretrain(out: Path, loss: str = "sigmoid", batch_size: int = 64, steps: int 
                 record({"step": step + 1, "loss": round(value.item(), 5), "log_scale": round(model.log_scale.item(), 4),
                         "bias": round(model.bias.item(), 4), "elapsed": round(time.perf_counter() - started, 1)})
             if (step + 1) % eval_every == 0 or step + 1 == steps:
-                scores = evaluate(model, encoder, eval_scenes)
+                scores = evaluate(model, encoder, eval_scenes, scene_size=scene_size)
                 record({"step": step + 1, **scores})
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
