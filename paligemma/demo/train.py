@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start the vision tower from this vision_tower.safetensors (written by "
                              "python -m paligemma.demo.pretrain_vision) instead of random weights")
     parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed")
+    parser.add_argument("--first-scene", type=int, default=0,
+                        help="training scenes are seeds TRAIN_SEED0 + first_scene onwards; a continued run "
+                             "passes the count its predecessors used, so no scene is seen twice")
     parser.add_argument("--segment", action="store_true",
                         help="add `segment {shape}` examples (scenes.SEGMENT_TASK_MIX), coded with the bundled "
                              "mask codec, which is copied into the checkpoints")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         codec = load_mask_codec(DEMO_MASK_CODEC)
         if not (init / MASK_CODEC_FILE).exists():
             shutil.copy(DEMO_MASK_CODEC, init / MASK_CODEC_FILE)  # checkpoints copy it from init
-    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0, codec)
+    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0 + args.first_scene, codec)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
     eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE, codec=codec) for i in range(64)]
     summary = train(model, processor, train_data, config, eval_data=eval_data)
