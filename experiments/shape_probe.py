@@ -12,7 +12,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +24,7 @@ from paligemma.siglip import SiglipVisionTower
 
 def batch(seeds, processor):
     scenes = [generate_scene(s, SCENE_SIZE) for s in seeds]
-    pixels = torch.from_numpy(np.stack([processor.preprocess(np.asarray(s.image)) for s in scenes]))
+    pixels = processor([s.image for s in scenes]).pixel_values
     counts = torch.tensor([[count(s, shape) for shape in SHAPES] for s in scenes])  # (B, 3)
     return pixels, counts
 

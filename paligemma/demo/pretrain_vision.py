@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -49,7 +48,7 @@ class PairEncoder:
     tokenizer: Tokenizer
 
     def pixels(self, images) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.image_processor.preprocess(np.asarray(im)) for im in images]))
+        return self.image_processor(images).pixel_values
 
     def texts(self, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [self.tokenizer.encode(s, add_eos=True) for s in sentences]
@@ -69,7 +68,7 @@ def evaluate(model: DualEncoder, encoder: PairEncoder, num_scenes: int = 500, ba
              scene_size: int = SCENE_SIZE) -> dict:
     """Zero-shot classification of one-object scenes and retrieval recall@1 on `num_scenes` held-out scenes."""
     model.eval()
-    image_embeds, text_embeds, captions, single = [], [], [], []
+    image_embeds, text_embeds, captions = [], [], []
     for start in range(0, num_scenes, batch_size):
         seeds = range(EVAL_SCENE_SEED0 + start, EVAL_SCENE_SEED0 + min(start + batch_size, num_scenes))
         pixels, ids, mask, batch_captions = scene_batch(seeds, encoder, scene_size)
