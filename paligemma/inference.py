@@ -33,6 +33,7 @@ from torch import nn
 
 from .kernels import MAX_ROWS, gemv_bf16
 from .quantize import QuantizedLinear, check_available
+from .weights import release_file_pages
 
 
 def _packing_available(weight: torch.Tensor) -> bool:
@@ -134,6 +135,8 @@ def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: st
     if quantize:
         weight = torch.cat([linear.weight.detach() for _, linear in parts]) if len(parts) > 1 else parts[0][1].weight
         module = QuantizedLinear(weight, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
+        for _, linear in parts:  # the float weights are done with: their mapped pages leave resident memory
+            release_file_pages(linear.weight)
     else:
         module = FastLinear(parts, pack, concat)
     for name in old_names:
@@ -148,7 +151,7 @@ def optimize_for_inference(model, quantize: str | None = None, group_size: int |
     if getattr(model, "inference_layout", None) is not None:
         raise ValueError(f"model is already optimized for inference ({model.inference_layout})")
     if quantize is not None:
-        check_available()
+        check_available(quantize)
         if model.device.type != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on CPU only; the model is on {model.device}")
     model.eval()
@@ -163,6 +166,7 @@ def optimize_for_inference(model, quantize: str | None = None, group_size: int |
         model.inference_head = TiedHead(head)
     else:
         model.inference_head = QuantizedLinear(head.detach(), quantize, group_size, [("lm_head", head.shape[0])])
+        release_file_pages(head)  # a tied table stays the embedding lookup, which reads a few rows back in
         if hasattr(model, "lm_head"):
             del model.lm_head
     model.inference_layout = f"quantized-{quantize}" if quantize else "optimized"

@@ -1,27 +1,32 @@
-"""Weight-only int8 / int4 quantization of linear layers, on torch's packed 4-bit CPU kernel.
+"""Weight-only int8 / int4 quantization of linear layers, for CPU inference.
 
-    QuantizedLinear(weight (N, K), "int4", group_size=64)(x (..., K)) -> (..., N)
+    QuantizedLinear(weight (N, K), "int8", group_size=256)(x (..., K)) -> (..., N)
 
-Both modes run on `torch.ops.aten._weight_int4pack_mm_for_cpu`, which multiplies bf16 activations
-by 4-bit weights dequantized group-wise as (q - 8) * scale + zero, q in 0..15:
+- int8: symmetric per group of `group_size` input channels, scale = max|w| / 127, q in -127..127,
+  stored row-major as int8 (N, K) with float32 scales (N, K/g): 1 byte/weight. Inputs of <= 8 rows
+  (decode steps) go through `gemv_int8` of kernels.py, which widens the weights to bf16 in registers
+  and streams ~2x the weights per second of bf16; larger inputs (prefill) are multiplied by blocks
+  of rows dequantized to bf16 (`bf16(q * scale)`) with `F.linear`, at bf16 speed.
+- int4: asymmetric per group (min/max -> scale, zero), 0.5 byte/weight, on torch's packed 4-bit
+  kernel `aten._weight_int4pack_mm_for_cpu`, which dequantizes (q - 8) * scale + zero, q in 0..15.
+  Scales and zeros are rounded to bf16 before the weights are quantized against them, so
+  dequantization matches what the kernel computes.
 
-- int4: asymmetric per group of `group_size` input channels (min/max -> scale, zero), 0.5 byte/weight.
-- int8: symmetric per group (scale = max|w| / 127), w8 in -127..127 stored as two 4-bit planes,
-  w8 = 16 * hi + lo with hi in -8..7 and lo in 0..15; y = x @ (16 s hi) + x @ (s lo), two kernel calls
-  that together stream 1 byte/weight. torch's `_weight_int8pack_mm` computes the same thing but
-  measured slower than plain bf16 `F.linear` on this project's benchmark CPU (AMD EPYC, AVX-512), while
-  the 4-bit kernel streams ~4x faster; see BENCHMARKS.md.
-
-Activations are cast to bf16 for the kernel (its float32 path is ~30x slower) and the result back to
-the input dtype. Scales and zeros are rounded to bf16 before the weights are quantized against them,
-so dequantization matches what the kernel computes. A quantized layer cannot be saved back to a
-checkpoint: quantization is a load-time transform of a float checkpoint.
+Activations are cast to bf16 for the kernels (int4's float32 path is ~30x slower) and the result back
+to the input dtype. Without the compiled kernels (no compiler, no AVX512-BF16), int8 falls back to
+dequantizing with torch ops, which gives the same numbers slower. A quantized layer cannot be saved
+back to a checkpoint: quantization is a load-time transform of a float checkpoint.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .kernels import MAX_ROWS, dequantize_int8, gemv_int8, quantize_int8 as quantize_int8_kernel
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -32,8 +37,12 @@ class QuantizationError(RuntimeError):
     """Quantized kernels unavailable on this machine, or a layer shape they cannot take."""
 
 
-def check_available() -> None:
-    """Raise QuantizationError if torch's packed 4-bit CPU kernels are missing or fail on this machine."""
+def check_available(mode: str) -> None:
+    """Raise QuantizationError if `mode` cannot run here (int4 needs torch's packed 4-bit CPU kernels)."""
+    if mode not in MODES:
+        raise QuantizationError(f"quantize must be one of {MODES} or None, got {mode!r}")
+    if mode == "int8":
+        return  # the compiled kernel when there is one, torch ops otherwise
     try:
         q = torch.zeros(16, 64, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -67,25 +76,21 @@ def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 
 
 # Rows are quantized in blocks small enough to stay in cache (10x faster than whole matrices, and no
-# float32 copy of a 0.5 G-entry LM head). The packed layout is blocked by 64 rows, so blocks of a
+# float32 copy of a 0.5 G-entry LM head). The packed int4 layout is blocked by 64 rows, so blocks of a
 # multiple of 64 rows pack to the same bytes as the whole matrix (tested).
 _ROW_BLOCK = 256
 
 
-def _by_row_blocks(weight: torch.Tensor, group_size: int, quantize_block, planes: int) -> list[torch.Tensor]:
-    n, k = weight.shape
+def _by_row_blocks(weight: torch.Tensor, group_size: int, quantize_block, outputs: list[torch.Tensor],
+                   row_dims: list[int]) -> tuple[torch.Tensor, ...]:
+    """Fill `outputs` (preallocated; rows along `row_dims`) with quantize_block(rows as float32, group_size)."""
+    n = weight.shape[0]
     block = _ROW_BLOCK if n % 64 == 0 else n
-    out = []
-    for _ in range(planes):
-        out += [torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)]
     for start in range(0, n, block):
         rows = slice(start, start + block)
-        for i, part in enumerate(quantize_block(weight[rows].float(), group_size)):
-            if i % 2 == 0:
-                out[i][rows] = part
-            else:
-                out[i][:, rows] = part
-    return out
+        for out, dim, part in zip(outputs, row_dims, quantize_block(weight[rows].float(), group_size)):
+            out[(slice(None),) * dim + (rows,)] = part
+    return tuple(outputs)
 
 
 def _int4_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,26 +103,54 @@ def _int4_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return _pack(q.view(n, k)), _scales_zeros(scale, zero)
 
 
-def _int8_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+def _int8_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     w = w.view(n, k // group_size, group_size)
-    scale = (w.abs().amax(-1) / 127).clamp_(min=1e-8).bfloat16().float()
-    q = w.div(scale[..., None]).round_().clamp_(-127, 127).to(torch.int32)  # (N, K/g, g)
-    hi = q.bitwise_right_shift(4)  # floor(q / 16): -8..7
-    lo = q.bitwise_and_(15)  # q - 16 hi: 0..15
-    # The kernel dequantizes (q - 8) * scale + zero: hi plane q = hi + 8 with scale 16 s; lo plane q = lo, zero 8 s.
-    return (_pack(hi.add_(8).view(n, k)), _scales_zeros(16 * scale, torch.zeros_like(scale)),
-            _pack(lo.view(n, k)), _scales_zeros(scale, 8 * scale))
+    scale = (w.abs().amax(-1) / 127).clamp_(min=1e-8)
+    q = w.div(scale[..., None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q.view(n, k), scale
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit, per group: returns (packed (N, K/2) uint8, scales_zeros (K/g, N, 2) bf16)."""
-    return tuple(_by_row_blocks(weight, group_size, _int4_block, 1))
+    n, k = weight.shape
+    outputs = [torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)]
+    return _by_row_blocks(weight, group_size, _int4_block, outputs, [0, 1])
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit, per group, as two 4-bit planes: (hi, hi scales_zeros, lo, lo scales_zeros)."""
-    return tuple(_by_row_blocks(weight, group_size, _int8_block, 2))
+def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit, per group: returns (q (N, K) int8, scales (N, K/g) float32)."""
+    n, k = weight.shape
+    outputs = [torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // group_size, dtype=torch.float32)]
+    kernel = quantize_int8_kernel()
+    if kernel is not None and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32):
+        kernel(weight.contiguous(), *outputs)  # the same arithmetic as _int8_block (tested), ~10x faster
+        return tuple(outputs)
+    return _by_row_blocks(weight, group_size, _int8_block, outputs, [0, 0])
+
+
+def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (n, K) bf16 = bf16(q * scale) for int8 rows q (n, K) and their scales (n, K/g)."""
+    kernel = dequantize_int8()
+    if kernel is not None:
+        kernel(q, scales, out)
+    else:
+        n, k = q.shape
+        out.copy_(q.view(n, scales.shape[1], -1).float().mul_(scales[..., None]).view(n, k))
+    return out
+
+
+# Prefill multiplies by int8 weights dequantized a block of rows at a time into a per-thread buffer of
+# about this many bytes (a fresh tensor per block would page-fault its way through new memory).
+_DEQUANT_BUFFER_BYTES = 4 << 20
+_scratch = threading.local()
+
+
+def _dequant_buffer(rows: int, in_features: int) -> torch.Tensor:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < rows * in_features:
+        buffer = _scratch.buffer = torch.empty(rows * in_features, dtype=torch.bfloat16)
+    return buffer[:rows * in_features].view(rows, in_features)
 
 
 class QuantizedLinear(nn.Module):
@@ -135,33 +168,39 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.group_size = choose_group_size(self.in_features, mode, group_size)
         self.parts = parts or []
-        rows = -self.out_features % 16  # the kernel packs rows in blocks of 16: pad with zero rows
+        if mode == "int8":
+            self.qweight, self.scales = quantize_int8(weight, self.group_size)
+            return
+        rows = -self.out_features % 16  # the int4 kernel packs rows in blocks of 16: pad with zero rows
         if rows:
             weight = torch.cat([weight, weight.new_zeros(rows, self.in_features)])
-        if mode == "int4":
-            self.packed, self.scales_zeros = quantize_int4(weight, self.group_size)
-        else:
-            self.packed_hi, self.scales_zeros_hi, self.packed_lo, self.scales_zeros_lo = quantize_int8(
-                weight, self.group_size)
+        self.packed, self.scales_zeros = quantize_int4(weight, self.group_size)
 
     def inference_tensors(self):
         """The tensors this layer holds (not parameters or buffers: they must never be trained or cast)."""
-        if self.mode == "int4":
-            return [self.packed, self.scales_zeros]
-        return [self.packed_hi, self.scales_zeros_hi, self.packed_lo, self.scales_zeros_lo]
+        return [self.qweight, self.scales] if self.mode == "int8" else [self.packed, self.scales_zeros]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernel takes no strides
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels take no strides
         if self.mode == "int4":
-            y = mm(x2, self.packed, self.group_size, self.scales_zeros)
-        else:
-            y = (mm(x2, self.packed_hi, self.group_size, self.scales_zeros_hi).float()
-                 + mm(x2, self.packed_lo, self.group_size, self.scales_zeros_lo).float())
-        if y.shape[-1] != self.out_features:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
             y = y[:, :self.out_features]
+        elif x2.shape[0] <= MAX_ROWS and gemv_int8() is not None:
+            y = gemv_int8()(x2, self.qweight, self.scales)
+        else:
+            y = self._dequantized_matmul(x2)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _dequantized_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) bf16 @ dequantized weight^T, a block of weight rows at a time -> (M, N) bf16."""
+        block = max(64, _DEQUANT_BUFFER_BYTES // (2 * self.in_features))
+        out = x2.new_empty(x2.shape[0], self.out_features)
+        for start in range(0, self.out_features, block):
+            rows = slice(start, min(start + block, self.out_features))
+            weight = _dequant_buffer(rows.stop - start, self.in_features)
+            out[:, rows] = F.linear(x2, dequantize_int8_rows(self.qweight[rows], self.scales[rows], weight))
+        return out
 
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K) float32 weight as the kernel sees it (computed by multiplying the identity: slow, for tests)."""

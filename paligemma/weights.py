@@ -22,6 +22,7 @@ import json
 import mmap
 import re
 import warnings
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -114,6 +115,7 @@ def _read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype,
             with safe_open(file, framework="pt", device="cpu") as handle:
                 return {name: handle.get_tensor(key).to(device=device, dtype=dtype) for name, key in names}
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    _remember_map(mapped)
     base = 8 + header_len
     out = {}
     for name, key in names:
@@ -131,6 +133,43 @@ def _read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype,
             tensor = torch.frombuffer(mapped, dtype=source, count=count, offset=base + start).view(info["shape"])
         out[name] = tensor.to(device=device, dtype=dtype)
     return out
+
+
+# (address, length, map) of each weight file mapped by _read_tensors, while the map is alive.
+_FILE_MAPS: list[tuple[int, int, weakref.ref]] = []
+
+
+def _remember_map(mapped: mmap.mmap) -> None:
+    _FILE_MAPS[:] = [entry for entry in _FILE_MAPS if entry[2]() is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        address = torch.frombuffer(mapped, dtype=torch.uint8, count=1).data_ptr()
+    _FILE_MAPS.append((address, len(mapped), weakref.ref(mapped)))
+
+
+def release_file_pages(tensor: torch.Tensor) -> int:
+    """Drop the resident pages of a weight that is a view of a checkpoint's memory map; returns bytes dropped.
+
+    For a model that only reads its weights (inference): once a weight has been copied into another form
+    (quantized), its pages in the map still count in the process's resident memory. MADV_DONTNEED hands
+    them back; the map is private and never written, so a later read (a weight still in use, like the
+    embedding table behind a quantized head) faults the file's bytes back in from the page cache.
+    Only whole pages inside the tensor are dropped; tensors outside the maps are left alone (returns 0).
+    """
+    if not hasattr(mmap, "MADV_DONTNEED") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    for address, length, ref in _FILE_MAPS:
+        mapped = ref()
+        if mapped is None or not (address <= start and end <= address + length):
+            continue
+        first = -(-(start - address) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
+        last = (end - address) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return max(0, last - first)
+    return 0
 
 
 def checkpoint_files(directory: Path) -> list[Path]:

@@ -165,6 +165,28 @@ def test_sharded_checkpoint_round_trip(checkpoint, tmp_path):
     torch.testing.assert_close(_logits(paligemma.load_model(tmp_path), config), _logits(model, config), atol=0, rtol=0)
 
 
+def test_released_file_pages_read_back_the_same_weights(checkpoint, tmp_path):
+    # Quantized loading hands the mapped pages of the float weights back to the OS (release_file_pages);
+    # anything still in use reads the file's bytes again, so values are unchanged.
+    from paligemma.weights import release_file_pages
+    config, directory, _ = checkpoint
+    big = {"w": torch.randn(64, 1024), "small": torch.randn(3)}  # 256 KB: whole pages inside the tensor
+    save_file(big, tmp_path / "model.safetensors")
+    mapped = paligemma.weights._read_tensors(tmp_path / "model.safetensors", [("w", "w"), ("small", "small")],
+                                             torch.float32, "cpu")
+    expected = mapped["w"].clone()
+    released = release_file_pages(mapped["w"])
+    assert 0 < released <= expected.numel() * 4 and released % 4096 == 0
+    assert torch.equal(mapped["w"], expected)
+    assert release_file_pages(expected) == 0  # not a view of a checkpoint map: left alone
+    assert release_file_pages(mapped["small"]) == 0  # no whole page inside it
+    # A model loaded from the map still gives the same outputs after every weight's pages are released.
+    model = paligemma.load_model(directory)
+    before = _logits(model, config)
+    assert sum(release_file_pages(p) for p in model.parameters()) > 0
+    torch.testing.assert_close(_logits(model, config), before, atol=0, rtol=0)
+
+
 def test_transformers_5_in_memory_layout_and_stored_tied_head(checkpoint, tmp_path):
     config, directory, _ = checkpoint
     tensors = load_file(directory / "model.safetensors")

@@ -8,16 +8,26 @@ import torch
 
 import paligemma
 from paligemma.inference import optimize_for_inference
-from paligemma.kernels import gemv_bf16
+from paligemma import quantize
+from paligemma.kernels import dequantize_int8, gemv_bf16, gemv_int8
 from paligemma.quantize import QuantizationError, QuantizedLinear, check_available
 from tiny_models import TINY_CONFIGS, random_batch, tiny_config, write_hf_checkpoint
 
 try:
-    check_available()
-    HAVE_QUANT = True
+    check_available("int4")
+    HAVE_INT4 = True
 except QuantizationError:
-    HAVE_QUANT = False
-needs_quant = pytest.mark.skipif(not HAVE_QUANT, reason="torch's packed int4 CPU kernels are unavailable")
+    HAVE_INT4 = False
+needs_int4 = pytest.mark.skipif(not HAVE_INT4, reason="torch's packed int4 CPU kernels are unavailable")
+needs_int8_kernels = pytest.mark.skipif(gemv_int8() is None, reason="the int8 kernels are unavailable on this machine")
+
+
+def _modes(*cases):
+    """Parametrize cases (a mode, or a tuple starting with one); int4 ones skip without torch's int4 kernels."""
+    def mode(case):
+        return case[0] if isinstance(case, tuple) else case
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=needs_int4) if mode(case) == "int4"
+            else case for case in cases]
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
@@ -88,10 +98,9 @@ def test_optimizing_twice_or_loading_into_is_an_error(checkpoint):
 
 # ---------------------------------------------------------------------- quantization
 
-@needs_quant
-@pytest.mark.parametrize("mode, group, max_rel_err", [("int8", 256, 0.012), ("int8", 64, 0.01),
-                                                       ("int4", 32, 0.11), ("int4", 64, 0.12),
-                                                       ("int4", 128, 0.14)])
+@pytest.mark.parametrize("mode, group, max_rel_err", _modes(("int8", 256, 0.012), ("int8", 64, 0.01),
+                                                             ("int4", 32, 0.11), ("int4", 64, 0.12),
+                                                             ("int4", 128, 0.14)))
 def test_quantized_linear_error_is_what_the_bits_allow(mode, group, max_rel_err):
     # Measured on N(0, 0.02) weights: int8 0.6-0.7%, int4 7.7% (g32), 9.1% (g64), 10.3% (g128);
     # bf16 weights alone give 0.23%.
@@ -109,9 +118,61 @@ def test_quantized_linear_error_is_what_the_bits_allow(mode, group, max_rel_err)
     # A strided input (the last position of a batch, as prefill feeds the LM head) is fine.
     strided = torch.randn(3, 5, 512).bfloat16()[:, -1]
     torch.testing.assert_close(layer(strided), layer(strided.contiguous()), atol=0, rtol=0)
-    # Output widths that are not a multiple of the kernel's 16-row blocks are padded inside.
+    # Output widths that are not a multiple of the int4 kernel's 16-row blocks are padded inside.
     odd = QuantizedLinear(weight[:250], mode, group)
     torch.testing.assert_close(odd(x), layer(x)[:, :250], atol=0, rtol=0)
+    # Prefill-sized inputs (more rows than the decode kernels take) give the same products.
+    many = torch.randn(40, 512).bfloat16()
+    torch.testing.assert_close(layer(many)[:8].float(), layer(many[:8]).float(), atol=2e-3, rtol=2e-2)
+
+
+def _int8_reference(q, scales):
+    """The float32 weight an int8 layer stands for: q * its group's scale."""
+    return q.float() * scales.repeat_interleave(q.shape[1] // scales.shape[1], dim=1)
+
+
+@needs_int8_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n, k, group", [(37, 64, 32), (130, 512, 256), (24, 480, 96), (9, 2304, 128)])
+def test_int8_kernels_compute_what_the_layout_means(rows, n, k, group):
+    torch.manual_seed(rows)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, k // group) * 0.01
+    weight = _int8_reference(q, scales)
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    dequantize_int8()(q, scales, out)
+    assert torch.equal(out, weight.bfloat16())  # bf16(q * scale), round to nearest even
+    x = torch.randn(rows, k).bfloat16()
+    exact = x.float() @ weight.t()  # the products are exact in float32; only the summation order differs
+    torch.testing.assert_close(gemv_int8()(x, q, scales).float(), exact, atol=1e-3, rtol=2 ** -8)
+
+
+def test_int8_layer_without_kernels_gives_the_same_numbers(monkeypatch):
+    # Prefill dequantizes a few hundred rows at a time; a small buffer makes this 64-row blocks, and the
+    # torch fallback (no compiler / no AVX512-BF16) must produce exactly what the compiled one does.
+    torch.manual_seed(0)
+    layer = QuantizedLinear(torch.randn(200, 256) * 0.02, "int8")
+    x = torch.randn(20, 256).bfloat16()
+    whole = torch.nn.functional.linear(x, _int8_reference(layer.qweight, layer.scales).bfloat16())
+    monkeypatch.setattr(quantize, "_DEQUANT_BUFFER_BYTES", 64 * 256 * 2)
+    blocked = layer(x)
+    torch.testing.assert_close(blocked, whole, atol=0, rtol=0)
+    monkeypatch.setattr(quantize, "dequantize_int8", lambda: None)
+    monkeypatch.setattr(quantize, "gemv_int8", lambda: None)
+    torch.testing.assert_close(layer(x), blocked, atol=0, rtol=0)
+    torch.testing.assert_close(layer(x[:2]), blocked[:2], atol=0, rtol=0)  # decode rows, no kernel
+
+
+@needs_int8_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantizing_kernel_matches_the_torch_arithmetic(monkeypatch, dtype):
+    torch.manual_seed(0)
+    weight = (torch.randn(200, 256) * 0.02).to(dtype)
+    weight[3, :64] = 0  # an all-zero group takes the 1e-8 floor scale
+    compiled = QuantizedLinear(weight, "int8", 64)
+    monkeypatch.setattr(quantize, "quantize_int8_kernel", lambda: None)
+    plain = QuantizedLinear(weight, "int8", 64)
+    assert torch.equal(compiled.qweight, plain.qweight) and torch.equal(compiled.scales, plain.scales)
 
 
 def _quant_config(family):
@@ -119,7 +180,7 @@ def _quant_config(family):
     return tiny_config(family, kv_heads=2, heads=4, head_dim=32, hidden=64, layers=3)
 
 
-@needs_quant
+@needs_int4
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])
 def test_quantized_top1_agrees_with_bf16(family, tmp_path):
     """Greedy choice of the quantized model against the bf16 one over 4 x 276 random-weight positions.
@@ -155,7 +216,7 @@ def test_quantized_top1_agrees_with_bf16(family, tmp_path):
             quantized.save_pretrained(tmp_path / "out")
 
 
-@needs_quant
+@needs_int4
 def test_quantize_rejects_bad_modes_and_shapes():
     with pytest.raises(QuantizationError, match="quantize must be"):
         QuantizedLinear(torch.zeros(32, 64), "int3")
@@ -170,9 +231,8 @@ def test_quantize_rejects_bad_modes_and_shapes():
 DEMO_DIR = Path(paligemma.__file__).parent / "demo_model"
 
 
-@needs_quant
 @pytest.mark.skipif(not (DEMO_DIR / "config.json").exists(), reason="the demo model (paligemma/demo_model/) is absent")
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", _modes("int8", "int4"))
 def test_demo_model_answers_survive_quantization(mode):
     """Greedy answers of the demo model on held-out scenes (caption, detect, count), quantized vs bf16.
 
@@ -198,7 +258,7 @@ def test_demo_model_answers_survive_quantization(mode):
     assert same / len(got) >= (0.9 if mode == "int8" else 0.8), (same, len(got))
 
 
-@needs_quant
+@needs_int4
 def test_cli_quantize_flag(capsys, tmp_path, spm_model_path, spm_layout, skimage_photos):
     from paligemma import cli
     from paligemma.generation import generate
