@@ -19,7 +19,9 @@
   large-batch matmuls are compute-bound, where the 4-bit kernel is slower than bf16. The LM head
   gets its own quantized copy of the tied embedding table (the lookup keeps the float table: one
   row per token, never streamed), which costs that copy's memory but removes 21% (PaliGemma 1) of
-  the bytes each decode step reads.
+  the bytes each decode step reads. Each float weight's pages in the checkpoint's memory map are
+  handed back to the OS once it is quantized (weights.release_file_pages), so resident memory ends
+  near the quantized model's size instead of the float model's plus the quantized one's.
 
 Unquantized, the optimized model's `state_dict()` still yields the original HF-named, unfused
 tensors (so `save_pretrained` writes an ordinary checkpoint); it cannot be trained or loaded into.
