@@ -40,8 +40,10 @@ def test_training_from_the_pretrained_tower_with_segmentation(tower, tmp_path):
     for name, tensor in init.state_dict().items():
         if name.startswith("vision_tower."):
             torch.testing.assert_close(tensor, pretrained[name], rtol=0, atol=0)
-    # The final checkpoint carries the mask codec, so `segment` answers can be decoded.
+    # The checkpoints carry the mask codec, so `segment` answers can be decoded; the init folder is left alone.
     assert (run / "final" / "mask_codec.safetensors").is_file()
+    assert (run / "checkpoint-2" / "mask_codec.safetensors").is_file()
+    assert not (run / "init" / "mask_codec.safetensors").exists()
     assert (run / "final" / "tokenizer.model").is_file()
 
 

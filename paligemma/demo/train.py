@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from ..finetune.data import Example, FinetuneDataset
@@ -76,17 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.vision_init:
         raise SystemExit("--vision-init only applies to a fresh start (no --init, no existing init/)")
     model, processor = load_model(init), load_processor(init)
+    codec, extra_files = None, ()
+    if args.segment:
+        codec = load_mask_codec(DEMO_MASK_CODEC)
+        if not (init / MASK_CODEC_FILE).exists():  # checkpoints copy the init folder's; give them the bundled one
+            extra_files = (str(DEMO_MASK_CODEC),)
     config = TrainConfig(
         out_dir=str(out), model_dir=str(init), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         warmup_steps=args.warmup_steps, min_lr_ratio=0.05, weight_decay=args.weight_decay, max_grad_norm=1.0,
         bf16=True, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, log_every=10,
         resume=args.resume, eval_batch_size=64, freeze=("vision",) if args.freeze_vision else (),
+        extra_files=extra_files,
     )
-    codec = None
-    if args.segment:
-        codec = load_mask_codec(DEMO_MASK_CODEC)
-        if not (init / MASK_CODEC_FILE).exists():
-            shutil.copy(DEMO_MASK_CODEC, init / MASK_CODEC_FILE)  # checkpoints copy it from init
     train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0 + args.first_scene, codec)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
     eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE, codec=codec) for i in range(64)]

@@ -44,8 +44,10 @@ PROCESSOR_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    MASK_CODEC_FILE)  # not a processor file, but part of a checkpoint that answers `segment`
 
 
-def save_model_folder(model: PaliGemma, directory: Path, model_dir: str | Path | None) -> None:
-    """Weights (adapters merged) in HF layout, the adapters themselves for LoRA, and the processor files."""
+def save_model_folder(model: PaliGemma, directory: Path, model_dir: str | Path | None,
+                      extra_files: tuple[str, ...] = ()) -> None:
+    """Weights (adapters merged) in HF layout, the adapters themselves for LoRA, the processor files, and
+    `extra_files` (paths of files the base folder lacks, e.g. a mask codec), copied under their names."""
     directory.mkdir(parents=True, exist_ok=True)
     if lora.has_lora(model):
         lora.save_adapter(model, directory / ADAPTER_DIR)
@@ -57,6 +59,8 @@ def save_model_folder(model: PaliGemma, directory: Path, model_dir: str | Path |
             source = Path(model_dir) / name
             if source.is_file():
                 shutil.copy2(source, directory / name)
+    for source in map(Path, extra_files):
+        shutil.copy2(source, directory / source.name)
 
 
 def gathered_model(model: PaliGemma) -> PaliGemma | None:
@@ -73,7 +77,7 @@ def gathered_model(model: PaliGemma) -> PaliGemma | None:
 
 
 def save_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Optimizer, state: dict,
-                    model_dir: str | Path | None, env: DistEnv) -> None:
+                    model_dir: str | Path | None, env: DistEnv, extra_files: tuple[str, ...] = ()) -> None:
     """Write a resumable checkpoint (see the module docstring) atomically into `directory`.
 
     Called on every rank (gathering sharded weights is collective); rank 0 writes.
@@ -84,7 +88,7 @@ def save_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Op
     if env.is_main:
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model_folder(plain, tmp, model_dir)
+        save_model_folder(plain, tmp, model_dir, extra_files)
         tensors, groups = _flatten_optimizer(optimizer_state)
         tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(torch_rng)})
         save_file(tensors, tmp / OPTIMIZER_FILE)

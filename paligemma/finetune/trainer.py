@@ -44,6 +44,7 @@ class TrainConfig:
 
     out_dir: str = "finetune-out"
     model_dir: str | None = None  # base checkpoint folder: its tokenizer/preprocessor files go into checkpoints
+    extra_files: tuple[str, ...] = ()  # more files copied into every checkpoint (e.g. a mask codec)
     steps: int | None = None  # optimizer steps
     epochs: float | None = None
     lr: float = 2e-5  # peak learning rate
@@ -85,6 +86,10 @@ class TrainConfig:
         if self.lora_rank and self.fsdp:
             raise ValueError("LoRA with FSDP is not supported: the adapters are small, use DDP (no --fsdp)")
         self.freeze = tuple(self.freeze)
+        self.extra_files = tuple(str(f) for f in self.extra_files)
+        missing = [f for f in self.extra_files if not Path(f).is_file()]
+        if missing:
+            raise ValueError(f"extra_files not found: {missing}")
 
 
 @dataclass
@@ -201,7 +206,8 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
             state = {"step": done, "micro_batches": done * config.grad_accum, "total_steps": total_steps,
                      "epoch": done * config.grad_accum / per_epoch, "world_size": env.world_size,
                      "config": asdict(config)}
-            ckpt.save_checkpoint(out / f"checkpoint-{done}", model, optimizer, state, config.model_dir, env)
+            ckpt.save_checkpoint(out / f"checkpoint-{done}", model, optimizer, state, config.model_dir, env,
+                                     config.extra_files)
     if bar is not None:
         bar.close()
     if eval_set is not None:
@@ -209,7 +215,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     final = ckpt.gathered_model(model)
     if env.is_main:
         summary.final_dir = str(out / "final")
-        ckpt.save_model_folder(final, out / "final", config.model_dir)
+        ckpt.save_model_folder(final, out / "final", config.model_dir, config.extra_files)
     barrier(env)
     summary.elapsed = time.perf_counter() - started
     return summary
