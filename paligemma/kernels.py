@@ -104,10 +104,16 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// 32 int8 weights -> float32, weights 0..15 in lo and 16..31 in hi.
+static inline void int8x32_to_f32(const int8_t* p, __m512& lo, __m512& hi) {
+  lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+}
+
 // 32 int8 weights -> 32 bf16 (exact), in the element order of the int8s.
 static inline __m512bh int8x32_to_bf16(const int8_t* p) {
-  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+  __m512 lo, hi;
+  int8x32_to_f32(p, lo, hi);
   return _mm512_cvtne2ps_pbh(hi, lo);  // lanes 0..15 from lo, 16..31 from hi
 }
 
@@ -203,9 +209,8 @@ void dequantize_int8(torch::Tensor q, torch::Tensor s, torch::Tensor out) {
       for (int64_t g = 0; g < groups; ++g) {
         __m512 scale = _mm512_set1_ps(sp[n * groups + g]);
         for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-          const int8_t* p = qp + n * K + k;
-          __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-          __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+          __m512 lo, hi;
+          int8x32_to_f32(qp + n * K + k, lo, hi);
           __m512bh v = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale));
           _mm512_storeu_si512((void*)(wp + n * K + k), (__m512i)v);
         }
