@@ -2,9 +2,12 @@
 
 At batch 1, a decode step is a chain of matrix-vector products whose cost is streaming the weights.
 torch's bf16 `F.linear` streams a row-major weight at ~9-13 GB/s on the benchmark CPU (AMD EPYC,
-AVX-512) against ~17-23 GB/s that a plain sum reaches; this kernel reads each weight row once for all
-(at most 8) input rows, with AVX512-BF16 dot products (`vdpbf16ps`, fp32 accumulation) and the next
-block of rows prefetched, and reaches 12-20 GB/s on the same weights (BENCHMARKS.md).
+AVX-512) against ~27-34 GB/s that a plain sum reaches. This kernel uses AVX512-BF16 dot products
+(`vdpbf16ps`, fp32 accumulation) and reads the weight in one of two orders: for 1-2 input rows and
+rows of <= 4096 inputs, one weight row at a time front to back (one sequential stream; 20-25 GB/s),
+otherwise a block of weight rows side by side, each loaded slice of x reused for the whole block
+(better for long rows and up to 8 input rows). `python benchmarks/bench_kernels.py` measures both
+against `F.linear` (BENCHMARKS.md).
 
 It is compiled on first use with torch's C++ extension loader (about 40 s, cached under
 ~/.cache/torch_extensions) and used only where it applies: bf16, CPU with AVX512-BF16, <= 8 rows.
@@ -77,6 +80,37 @@ static void rows_kernel(const at::BFloat16* x, const at::BFloat16* w, at::BFloat
     }
 }
 
+// Rows n0..n1 of y (M, N) = x (M, K) @ w (N, K)^T one weight row at a time, front to back: since w is
+// row-major, the whole block is then one sequential stream, which the hardware prefetcher follows
+// best. Faster than rows_kernel for short rows and 1-2 input rows (x stays in L1 and is re-read per
+// weight row); for long rows (K = 16384: x no longer fits L1) or more input rows, rows_kernel, which
+// reuses each x load for several weight rows, wins (microbenchmarks in BENCHMARKS.md).
+template <int M>
+static void stream_rows_kernel(const at::BFloat16* x, const at::BFloat16* w, at::BFloat16* y, int64_t K, int64_t N,
+                               int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const at::BFloat16* row = w + n * K;
+    __m512 acc0[M], acc1[M];  // two accumulator chains hide the dot product's latency
+    for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      _mm_prefetch((const char*)(row + k) + 2048, _MM_HINT_T0);
+      _mm_prefetch((const char*)(row + k) + 2048 + 64, _MM_HINT_T0);
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void*)(row + k));
+      __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void*)(row + k + 32));
+      for (int m = 0; m < M; ++m) {
+        acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, (__m512bh)_mm512_loadu_si512((const void*)(x + m * K + k)));
+        acc1[m] = _mm512_dpbf16_ps(acc1[m], w1, (__m512bh)_mm512_loadu_si512((const void*)(x + m * K + k + 32)));
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+      for (int64_t kk = k; kk < K; ++kk) s += float(x[m * K + kk]) * float(row[kk]);
+      y[m * N + n] = at::BFloat16(s);
+    }
+  }
+}
+
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 only");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes");
@@ -90,6 +124,11 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   auto* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, (N + 47) / 48, 1, [&](int64_t b0, int64_t b1) {
     int64_t n0 = b0 * 48, n1 = std::min<int64_t>(b1 * 48, N);
+    if (M <= 2 && K <= 4096) {
+      if (M == 1) stream_rows_kernel<1>(xp, wp, yp, K, N, n0, n1);
+      else stream_rows_kernel<2>(xp, wp, yp, K, N, n0, n1);
+      return;
+    }
     switch (M) {
       case 1: rows_kernel<1>(xp, wp, yp, K, N, n0, n1); break;
       case 2: rows_kernel<2>(xp, wp, yp, K, N, n0, n1); break;

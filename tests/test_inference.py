@@ -78,7 +78,10 @@ def test_optimized_cached_decoding_matches_plain(checkpoint, dtype):
 
 
 @pytest.mark.skipif(gemv_bf16() is None, reason="the bf16 decode kernel is unavailable on this machine")
-@pytest.mark.parametrize("rows, n, k", [(1, 37, 64), (3, 300, 100), (8, 1000, 2048), (2, 17, 31), (5, 64, 32)])
+# 1-2 rows with K <= 4096 take the one-row-at-a-time path, the rest the several-rows-at-once path;
+# K not a multiple of 64 (or 32) exercises the scalar tails of both.
+@pytest.mark.parametrize("rows, n, k", [(1, 37, 64), (2, 130, 2100), (2, 17, 31), (1, 60, 5000),
+                                        (3, 300, 100), (8, 1000, 2048), (5, 64, 32), (2, 50, 4160)])
 def test_decode_kernel_equals_float_accumulation(rows, n, k):
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
