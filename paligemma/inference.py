@@ -21,7 +21,8 @@
   row per token, never streamed), which costs that copy's memory but removes 21% (PaliGemma 1) of
   the bytes each decode step reads. Each float weight's pages in the checkpoint's memory map are
   handed back to the OS once it is quantized (weights.release_file_pages), so resident memory ends
-  near the quantized model's size instead of the float model's plus the quantized one's.
+  near the quantized model's size instead of the float model's plus the quantized one's; the same
+  holds for the q/k/v weights copied into one fused matrix when not quantizing.
 
 Unquantized, the optimized model's `state_dict()` still yields the original HF-named, unfused
 tensors (so `save_pretrained` writes an ordinary checkpoint); it cannot be trained or loaded into.
@@ -137,10 +138,12 @@ def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: st
     if quantize:
         weight = torch.cat([linear.weight.detach() for _, linear in parts]) if len(parts) > 1 else parts[0][1].weight
         module = QuantizedLinear(weight, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
-        for _, linear in parts:  # the float weights are done with: their mapped pages leave resident memory
-            release_file_pages(linear.weight)
     else:
         module = FastLinear(parts, pack, concat)
+    still_used = {t.data_ptr() for t in module.inference_tensors() if t.layout == torch.strided}
+    for _, linear in parts:  # a weight copied (fused, packed, quantized) is done with: its mapped pages
+        if linear.weight.data_ptr() not in still_used:  # leave resident memory
+            release_file_pages(linear.weight)
     for name in old_names:
         delattr(owner, name)  # drops the float weights as soon as the new module holds its copy
     setattr(owner, new_name, module)

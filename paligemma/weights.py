@@ -132,6 +132,8 @@ def _read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype,
             warnings.simplefilter("ignore")  # "non-writable buffer": the map is copy-on-write, writes never reach the file
             tensor = torch.frombuffer(mapped, dtype=source, count=count, offset=base + start).view(info["shape"])
         out[name] = tensor.to(device=device, dtype=dtype)
+        if out[name].data_ptr() != tensor.data_ptr():  # converted or moved: the mapped source is done with
+            release_file_pages(tensor)
     return out
 
 
