@@ -40,10 +40,11 @@ def test_answers_fixed_held_out_questions(demo):
     model, processor = demo
     example, single = generate_scene(EXAMPLE_SEED), generate_scene(EVAL_SEED0 + 30_000)
     answers = paligemma.generate(
-        model, processor, [example.image, example.image, single.image],
-        ["answer en what color is the triangle?", "answer en how many squares are there?", "caption en"],
+        model, processor, [example.image, example.image, example.image, single.image, single.image],
+        ["caption en", "answer en what color is the triangle?", "answer en how many triangles are there?",
+         "answer en how many squares are there?", "caption en"],
         max_new_tokens=24)
-    assert answers == ["red", "0", caption(single)]
+    assert answers == [caption(example), "red", "1", "0", caption(single)]
 
 
 def test_scores_on_fixed_held_out_scenes(demo):
