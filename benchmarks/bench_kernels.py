@@ -11,14 +11,18 @@ Random weights (std 0.02); a timing needs nothing else. Never imported by the te
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from paligemma.kernels import gemv_bf16, gemv_int8
-from paligemma.quantize import quantize_int8
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_inference import _median  # noqa: E402
+from paligemma.kernels import gemv_bf16, gemv_int8  # noqa: E402
+from paligemma.quantize import quantize_int8  # noqa: E402
 
 # (N, K, what it is) for PaliGemma 1 (Gemma 2B) and PaliGemma 2 3B (Gemma 2 2B) decoders.
 SHAPES = [
@@ -29,16 +33,6 @@ SHAPES = [
     (18432, 2304, "pg2 gate+up (fused)"),
     (2304, 9216, "pg2 down"),
 ]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -62,7 +56,7 @@ def main() -> None:
             cells = []
             for fn, bytes_per_weight in ((lambda: F.linear(x, weight), 2), (lambda: gemv_bf16()(x, weight), 2),
                                          (lambda: gemv_int8()(x, qweight, scales), 1)):
-                ms = median_ms(fn, repeats)
+                ms = _median(fn, repeats) * 1e3
                 cells.append(f"{ms:.2f} ({n * k * bytes_per_weight / ms / 1e6:.0f})")
             print(f"| {n} x {k} ({name}) | {rows} | " + " | ".join(cells) + " |", flush=True)
 
