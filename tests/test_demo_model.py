@@ -51,10 +51,13 @@ def test_scores_on_fixed_held_out_scenes(demo):
     """A regression check on 24 scenes, well below the 500-scene figures of the model card."""
     model, processor = demo
     scores = evaluate_demo(model, processor, num_scenes=24, seed0=EVAL_SEED0 + 20_000)
-    assert scores.counting_accuracy >= 0.25
-    assert scores.color_accuracy >= 0.35
-    assert scores.absent_shape_empty >= 0.75
-    assert scores.malformed_detect_answers <= 1  # the model writes 1 malformed answer in 500 scenes (model card)
+    # On these 24 scenes the shipped model scores recall 98%, counting 99%, colour 100%, captions 79%.
+    assert scores.detection_recall >= 0.85
+    assert scores.counting_accuracy >= 0.85
+    assert scores.color_accuracy >= 0.85
+    assert scores.caption_exact_match >= 0.6
+    assert scores.absent_shape_empty >= 0.9
+    assert scores.malformed_detect_answers == 0
 
 
 def test_transformers_loads_it_and_gives_the_same_greedy_answers(demo):
