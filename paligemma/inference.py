@@ -136,8 +136,8 @@ def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: st
              pack: bool, concat: bool = True) -> None:
     parts = [(name, getattr(owner, name)) for name in old_names]
     if quantize:
-        weight = torch.cat([linear.weight.detach() for _, linear in parts]) if len(parts) > 1 else parts[0][1].weight
-        module = QuantizedLinear(weight, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
+        weights = [linear.weight.detach() for _, linear in parts]  # fused while quantizing, not concatenated
+        module = QuantizedLinear(weights, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
     else:
         module = FastLinear(parts, pack, concat)
     still_used = {t.data_ptr() for t in module.inference_tensors() if t.layout == torch.strided}

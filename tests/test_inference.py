@@ -229,6 +229,42 @@ def test_quantize_rejects_bad_modes_and_shapes():
         QuantizedLinear(torch.zeros(32, 64), "int4", group_size=48)
 
 
+
+@needs_int4
+@pytest.mark.parametrize("rows, columns", [(64, 64), (128, 3072), (320, 2048)])
+def test_int4_packing_writes_torchs_layout(rows, columns):
+    """Our tensor-op packer gives the bytes of torch's, and whole-matrix quantization those of row blocks."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("torch packs int4 in another layout without AVX-512; quantize then uses torch's packer")
+    assert quantize._packs_like_torch()
+    q = torch.randint(0, 16, (rows, columns), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(quantize._pack_64_row_blocks(q), expected)
+
+
+@needs_int4
+def test_int4_quantization_is_the_same_by_row_blocks_and_either_packer(monkeypatch):
+    weight = torch.randn(320, 512, generator=torch.Generator().manual_seed(0)) * 0.02  # 256-row block + 64
+    packed, scales_zeros = quantize.quantize_int4(weight, 64)
+    monkeypatch.setattr(quantize, "_ROW_BLOCK", 10**6)  # one block: the whole matrix
+    monkeypatch.setattr(quantize, "_packs_like_torch", lambda: False)  # torch's packer
+    torch_packed, torch_scales_zeros = quantize.quantize_int4(weight, 64)
+    assert torch.equal(packed, torch_packed) and torch.equal(scales_zeros, torch_scales_zeros)
+
+
+@pytest.mark.parametrize("mode", _modes("int8", "int4"))
+@pytest.mark.parametrize("rows", [(256, 64, 128), (64, 40, 8)])  # 64-row multiples; then ones that are not
+def test_fused_parts_quantize_like_their_concatenation(mode, rows):
+    generator = torch.Generator().manual_seed(len(rows))
+    parts = [(torch.randn(n, 256, generator=generator) * 0.02).bfloat16() for n in rows]
+    fused = QuantizedLinear(parts, mode, 64)
+    whole = QuantizedLinear(torch.cat(parts), mode, 64)
+    assert fused.out_features == sum(rows)
+    for got, expected in zip(fused.inference_tensors(), whole.inference_tensors()):
+        assert torch.equal(got, expected)
+    with pytest.raises(QuantizationError, match="equal width"):
+        QuantizedLinear([parts[0], parts[1][:, :128]], mode)
+
 # ---------------------------------------------------------------------- the demo model
 
 DEMO_DIR = Path(paligemma.__file__).parent / "demo_model"
