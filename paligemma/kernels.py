@@ -20,6 +20,11 @@ The same extension holds the int8 weight-only kernels that quantize.py uses:
     dequantize_int8(q (N, K) int8, scales (N, K/G) float32, out (N, K) bf16): out = bf16(q * scale)
     quantize_int8(w (N, K) bf16 | float32, q (N, K) int8, scales (N, K/G) float32): fills q and scales
 
+and one for int4 prefill (quantize.py), on torch's packed int4 layout:
+
+    dequantize_int4(packed (N, K/2) uint8, scales_zeros (K/G, N, 2) bf16, n0, out (K, n) bf16):
+        out = weight rows n0 .. n0 + n, dequantized and transposed
+
 `gemv_int8` streams 1 byte per weight: each 32 int8 weights are widened to bf16 in registers
 (exact: |q| <= 127 fits bf16's 8-bit significand), multiplied with `vdpbf16ps`, and each group's fp32
 sum is scaled once. `dequantize_int8` feeds `F.linear` for larger inputs (prefill); `quantize_int8`
@@ -302,9 +307,53 @@ void quantize_int8(torch::Tensor w, torch::Tensor q, torch::Tensor s) {
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { quantize_rows(wp, qp, sp, K, G, n0, n1); });
   }
 }
+
+// Rows n0 .. n0 + n of an int4 weight in torch's packed CPU layout (its AVX-512 build), dequantized and
+// transposed: out (K, n) bf16, out[k][j] = bf16((q - 8) * scale + zero) of weight row n0 + j. The layout
+// holds rows in blocks of 64; for each input column k a block has 32 bytes whose low nibbles are its rows
+// 0-31 and high nibbles its rows 32-63, in order. scales_zeros (K/G, N, 2) bf16: (scale, zero) pairs.
+void dequantize_int4(torch::Tensor packed, torch::Tensor sz, int64_t n0, torch::Tensor out) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2, "packed: (N, K/2) uint8");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, n = out.size(1);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(1) == N &&
+              sz.size(2) == 2 && K % sz.size(0) == 0, "scales_zeros: contiguous (K/G, N, 2) bf16");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == K,
+              "out: contiguous (K, n) bf16");
+  TORCH_CHECK(n0 % 64 == 0 && n % 64 == 0 && n0 + n <= N, "rows: whole blocks of 64");
+  const int64_t groups = sz.size(0), G = K / groups;
+  const auto* pp = packed.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<at::BFloat16>());  // (scale, zero) pairs
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n / 64, 1, [&](int64_t b0, int64_t b1) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* block = pp + (n0 / 64 + b) * K * 32;
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 scale[4], zero[4];  // for rows 16c .. 16c + 15 of the block
+        for (int c = 0; c < 4; ++c) {
+          __m512i pairs = _mm512_loadu_si512(sp + g * N + n0 + 64 * b + 16 * c);  // bf16 scale low, zero high
+          scale[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+          zero[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF0000)));
+        }
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+          const __m256i bytes = _mm256_loadu_si256((const __m256i*)(block + k * 32));
+          const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+          const __m128i quarters[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                                       _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+          for (int c = 0; c < 4; ++c) {
+            __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(quarters[c])), eight);
+            __m512 w = _mm512_fmadd_ps(q, scale[c], zero[c]);
+            _mm256_storeu_si256((__m256i*)(op + k * n + 64 * b + 16 * c), (__m256i)_mm512_cvtneps_pbh(w));
+          }
+        }
+      }
+    }
+  });
+}
 """
 
-_FUNCTIONS = ["gemv_bf16", "gemv_int8", "dequantize_int8", "quantize_int8"]
+_FUNCTIONS = ["gemv_bf16", "gemv_int8", "dequantize_int8", "quantize_int8", "dequantize_int4"]
 _module = None
 _tried = False
 
@@ -350,3 +399,9 @@ def _build():
 def quantize_int8():
     """The compiled `quantize_int8(w (N, K) bf16 | f32, q (N, K) int8, scales (N, K/G) f32)`, or None."""
     return None if _compiled() is None else _compiled().quantize_int8
+
+
+def dequantize_int4():
+    """The compiled `dequantize_int4(packed (N, K/2) u8, scales_zeros (K/G, N, 2) bf16, n0, out (K, n) bf16)`
+    (torch's AVX-512 int4 layout: check quantize._packs_like_torch), or None."""
+    return None if _compiled() is None else _compiled().dequantize_int4

@@ -7,14 +7,17 @@
   (decode steps) go through `gemv_int8` of kernels.py, which widens the weights to bf16 in registers
   and streams ~2x the weights per second of bf16; larger inputs (prefill) are multiplied by blocks
   of rows dequantized to bf16 (`bf16(q * scale)`) with `F.linear`, at bf16 speed.
-- int4: asymmetric per group (min/max -> scale, zero), 0.5 byte/weight, on torch's packed 4-bit
-  kernel `aten._weight_int4pack_mm_for_cpu`, which dequantizes (q - 8) * scale + zero, q in 0..15.
+- int4: asymmetric per group (min/max -> scale, zero), 0.5 byte/weight, in torch's packed 4-bit layout.
+  Decode steps run torch's kernel `aten._weight_int4pack_mm_for_cpu`, which dequantizes
+  (q - 8) * scale + zero, q in 0..15; larger inputs (prefill) are multiplied by blocks of rows
+  dequantized to bf16 by `dequantize_int4` of kernels.py (same values), as for int8.
   Scales and zeros are rounded to bf16 before the weights are quantized against them, so
   dequantization matches what the kernel computes.
 
 Activations are cast to bf16 for the kernels (int4's float32 path is ~30x slower) and the result back
 to the input dtype. Without the compiled kernels (no compiler, no AVX512-BF16), int8 falls back to
-dequantizing with torch ops, which gives the same numbers slower. A quantized layer cannot be saved
+dequantizing with torch ops, which gives the same numbers slower, and int4 uses torch's kernel for
+every input. A quantized layer cannot be saved
 back to a checkpoint: quantization is a load-time transform of a float checkpoint.
 """
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import MAX_ROWS, dequantize_int8, gemv_int8, quantize_int8 as quantize_int8_kernel
+from .kernels import MAX_ROWS, dequantize_int4, dequantize_int8, gemv_int8, quantize_int8 as quantize_int8_kernel
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -246,7 +249,10 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels take no strides
         if self.mode == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+            if x2.shape[0] > MAX_ROWS and self._int4_dequantizer() is not None:
+                y = self._dequantized_matmul_int4(x2)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
             y = y[:, :self.out_features]
         elif x2.shape[0] <= MAX_ROWS and gemv_int8() is not None:
             y = gemv_int8()(x2, self.qweight, self.scales)
@@ -262,6 +268,25 @@ class QuantizedLinear(nn.Module):
             rows = slice(start, min(start + block, self.out_features))
             weight = _dequant_buffer(rows.stop - start, self.in_features)
             out[:, rows] = F.linear(x2, dequantize_int8_rows(self.qweight[rows], self.scales[rows], weight))
+        return out
+
+    def _int4_dequantizer(self):
+        """The compiled int4 dequantizer when it reads this layer's packed layout (whole 64-row blocks), else None."""
+        kernel = dequantize_int4()
+        return kernel if kernel is not None and self.packed.shape[0] % 64 == 0 and _packs_like_torch() else None
+
+    def _dequantized_matmul_int4(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) bf16 @ the int4 weight^T, dequantizing blocks of 64-row multiples into a transposed
+        (K, rows) bf16 buffer -> (M, padded N) bf16. torch's int4 kernel dequantizes the weight again for
+        every 4 input rows; this dequantizes it once (~0.1 ns/weight), then multiplies at bf16 speed."""
+        n = self.packed.shape[0]
+        block = max(64, _DEQUANT_BUFFER_BYTES // (2 * self.in_features) // 64 * 64)
+        out = x2.new_empty(x2.shape[0], n)
+        for start in range(0, n, block):
+            rows = min(block, n - start)
+            weight_t = _dequant_buffer(self.in_features, rows)  # (K, rows)
+            self._int4_dequantizer()(self.packed, self.scales_zeros, start, weight_t)
+            out[:, start:start + rows] = x2 @ weight_t
         return out
 
     def dequantized_weight(self) -> torch.Tensor:
