@@ -313,7 +313,8 @@ void quantize_int8(torch::Tensor w, torch::Tensor q, torch::Tensor s) {
 // holds rows in blocks of 64; for each input column k a block has 32 bytes whose low nibbles are its rows
 // 0-31 and high nibbles its rows 32-63, in order. scales_zeros (K/G, N, 2) bf16: (scale, zero) pairs.
 void dequantize_int4(torch::Tensor packed, torch::Tensor sz, int64_t n0, torch::Tensor out) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2, "packed: (N, K/2) uint8");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2,
+              "packed: contiguous (N, K/2) uint8");
   const int64_t N = packed.size(0), K = packed.size(1) * 2, n = out.size(1);
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(1) == N &&
               sz.size(2) == 2 && K % sz.size(0) == 0, "scales_zeros: contiguous (K/G, N, 2) bf16");
