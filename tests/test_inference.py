@@ -101,6 +101,12 @@ def test_optimizing_twice_or_loading_into_is_an_error(checkpoint):
 
 # ---------------------------------------------------------------------- quantization
 
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected||, in float32."""
+    got, expected = got.float(), expected.float()
+    return ((got - expected).norm() / expected.norm()).item()
+
+
 @pytest.mark.parametrize("mode, group, max_rel_err", _modes(("int8", 256, 0.012), ("int8", 64, 0.01),
                                                              ("int4", 32, 0.11), ("int4", 64, 0.12),
                                                              ("int4", 128, 0.14)))
@@ -114,7 +120,7 @@ def test_quantized_linear_error_is_what_the_bits_allow(mode, group, max_rel_err)
     exact = torch.nn.functional.linear(x.float(), weight)
     got = layer(x).float()
     assert layer.group_size == group
-    assert ((got - exact).norm() / exact.norm()).item() < max_rel_err
+    assert _relative_error(got, exact) < max_rel_err
     # 3-D input and float32 activations come back in the input's shape and dtype.
     assert layer(x.float().view(2, 4, 512)).shape == (2, 4, 256)
     assert layer(x.float()).dtype == torch.float32
@@ -128,7 +134,7 @@ def test_quantized_linear_error_is_what_the_bits_allow(mode, group, max_rel_err)
     # rounding the dequantized weights to bf16 (0.27% for int4 on these weights).
     many = torch.randn(40, 512).bfloat16()
     prefill, decode = layer(many)[:8].float(), layer(many[:8]).float()
-    assert ((prefill - decode).norm() / decode.norm()).item() < 0.005
+    assert _relative_error(prefill, decode) < 0.005
 
 
 def _int8_reference(q, scales):
@@ -232,7 +238,6 @@ def test_quantize_rejects_bad_modes_and_shapes():
         QuantizedLinear(torch.zeros(32, 64), "int4", group_size=48)
 
 
-
 @needs_int4
 @pytest.mark.parametrize("rows, columns", [(64, 64), (128, 3072), (320, 2048)])
 def test_int4_packing_writes_torchs_layout(rows, columns):
@@ -284,7 +289,7 @@ def test_int4_prefill_path_matches_the_decode_kernel(rows, monkeypatch):
     assert got.shape == expected.shape == (40, rows)
     # Measured 0.27% (256 rows): the prefill path rounds the dequantized weights to bf16; torch's kernel
     # multiplies them unrounded. Without whole 64-row blocks both calls take torch's kernel: identical.
-    relative_error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    relative_error = _relative_error(got, expected)
     assert relative_error < 0.005 if rows % 64 == 0 else relative_error == 0
 
 
@@ -300,6 +305,7 @@ def test_fused_parts_quantize_like_their_concatenation(mode, rows):
         assert torch.equal(got, expected)
     with pytest.raises(QuantizationError, match="equal width"):
         QuantizedLinear([parts[0], parts[1][:, :128]], mode)
+
 
 # ---------------------------------------------------------------------- the demo model
 
