@@ -99,7 +99,7 @@ def worker(args) -> dict:
     ids1, mask1, pix1 = _inputs(config, 1)
     out = {}
     if args.impl == "ours":
-        from paligemma.weights import load_model
+        from paligemma.loading import load_model
         start = time.perf_counter()
         model = load_model(directory, dtype=dtype, quantize=args.quantize, optimize=not args.no_optimize)
         out["load"] = time.perf_counter() - start

@@ -19,7 +19,7 @@ from pathlib import Path
 from paligemma.demo import pretrain_vision, train
 from paligemma.demo.evaluate import evaluate_demo
 from paligemma.processor import load_processor
-from paligemma.weights import load_model
+from paligemma.loading import load_model
 
 
 def last_eval(run: Path) -> dict:

@@ -6,11 +6,13 @@
                 token_type_ids=token_type_ids, labels=labels)
 """
 
+from .checkpoint_layout import save_model
 from .config import PRESETS, ConfigError, PaliGemmaConfig, TextConfig, VisionConfig
 from .generation import GenerationResult, StreamEvent, generate, generate_detailed, stream_generate
 from .hub import CheckpointError
 from .images import ImageError, ImageProcessor, load_image
 from .kv_cache import KVCache
+from .loading import load_model
 from .model import PaliGemma, PaliGemmaOutput
 from .processor import Processor, ProcessorOutput, load_processor
 from .spm_builder import build_paligemma_spm
@@ -18,7 +20,6 @@ from .segmentation import Segmentation, SegmentationResult, format_segmentations
 from .tasks import Detection, DetectionResult, encode_box, format_detections, parse_detections
 from .vqvae import MaskCodec, MaskCodecConfig, load_mask_codec, save_mask_codec
 from .tokenizer import Tokenizer, TokenizerError
-from .weights import load_model, save_model
 
 __all__ = [
     "CheckpointError", "ConfigError", "Detection", "DetectionResult", "GenerationResult", "ImageError", "ImageProcessor", "KVCache", "MaskCodec", "MaskCodecConfig", "PRESETS",

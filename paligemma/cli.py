@@ -32,7 +32,7 @@ from .segmentation import parse_segmentations
 from .tasks import parse_detections, prompt_task
 from .tokenizer import TokenizerError
 from .vqvae import MASK_CODEC_FILE
-from .weights import load_model
+from .loading import load_model
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_MODEL_DIR = PACKAGE_DIR / "demo_model"

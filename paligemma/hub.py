@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import PaliGemmaError
+
 # What a PaliGemma checkpoint needs from a repo: config, weights, tokenizer, preprocessing.
 _CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PaliGemmaError, ValueError):
     """A checkpoint cannot be found, read or trusted; the message says which and what to do."""
 
 

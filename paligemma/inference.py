@@ -36,7 +36,7 @@ from torch import nn
 
 from .kernels import MAX_ROWS, gemv_bf16
 from .quantize import QuantizedLinear, check_available
-from .weights import release_file_pages
+from .safetensors_io import release_file_pages
 
 
 def _packing_available(weight: torch.Tensor) -> bool:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_mask import prefix_lm_mask
+from .checkpoint_layout import save_model
 from .config import PaliGemmaConfig
 from .gemma import GemmaDecoder, RMSNorm, soft_cap
 from .kv_cache import KVCache
@@ -211,7 +212,6 @@ class PaliGemma(nn.Module):
         if self.inference_layout is not None and self.inference_layout.startswith("quantized"):
             raise ValueError("a quantized model cannot be saved: quantization is a load-time transform; "
                              "save the original checkpoint and pass quantize= when loading it")
-        from .weights import save_model
         save_model(self, directory, max_shard_bytes=max_shard_bytes)
 
 

@@ -165,15 +165,28 @@ def test_sharded_checkpoint_round_trip(checkpoint, tmp_path):
     torch.testing.assert_close(_logits(paligemma.load_model(tmp_path), config), _logits(model, config), atol=0, rtol=0)
 
 
+def test_saving_over_the_checkpoint_it_was_loaded_from(checkpoint, tmp_path):
+    # The loaded weights are views of the files' memory maps: each new file is written aside and renamed
+    # over the old one, stale shards and index go, and no temporary file is left behind.
+    config, directory, _ = checkpoint
+    target = _copy_with(tmp_path / "ckpt", directory)
+    model = paligemma.load_model(target)
+    expected = _logits(model, config)
+    model.save_pretrained(target, max_shard_bytes=20_000)
+    model = paligemma.load_model(target)
+    model.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    torch.testing.assert_close(_logits(paligemma.load_model(target), config), expected, atol=0, rtol=0)
+
+
 def test_released_file_pages_read_back_the_same_weights(checkpoint, tmp_path):
     # Quantized loading hands the mapped pages of the float weights back to the OS (release_file_pages);
     # anything still in use reads the file's bytes again, so values are unchanged.
-    from paligemma.weights import release_file_pages
+    from paligemma.safetensors_io import read_tensors, release_file_pages
     config, directory, _ = checkpoint
     big = {"w": torch.randn(64, 1024), "small": torch.randn(3)}  # 256 KB: whole pages inside the tensor
     save_file(big, tmp_path / "model.safetensors")
-    mapped = paligemma.weights._read_tensors(tmp_path / "model.safetensors", [("w", "w"), ("small", "small")],
-                                             torch.float32, "cpu")
+    mapped = read_tensors(tmp_path / "model.safetensors", [("w", "w"), ("small", "small")], torch.float32, "cpu")
     expected = mapped["w"].clone()
     released = release_file_pages(mapped["w"])
     assert 0 < released <= expected.numel() * 4 and released % 4096 == 0

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from paligemma.demo import pretrain_vision, train
 from paligemma.demo.recipe import demo_vision_config
-from paligemma.weights import load_model
+from paligemma.loading import load_model
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..processor import load_processor
     from ..vqvae import MASK_CODEC_FILE, load_mask_codec
-    from ..weights import load_model
+    from ..loading import load_model
     from .evaluate import evaluate_demo
     from .recipe import EVAL_SEED0
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..model import PaliGemma
 from ..vqvae import MASK_CODEC_FILE
-from ..weights import load_model
+from ..loading import load_model
 from . import lora
 from .distributed import (DistEnv, all_gather_tensor, barrier, full_model_state, full_optimizer_state,
                           is_sharded, load_full_state)

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..hub import CheckpointError, resolve_checkpoint
     from ..processor import load_processor
-    from ..weights import load_model
+    from ..loading import load_model
     from .data import DataError
     from .distributed import init_distributed
     from .trainer import train

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub import resolve_checkpoint
     from ..processor import load_processor
     from ..vqvae import load_mask_codec
-    from ..weights import load_model
+    from ..loading import load_model
     from .batcher import BatchEngine
     from .image_sources import FetchLimits
     from .schemas import RequestLimits

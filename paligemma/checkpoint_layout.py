@@ -1,0 +1,134 @@
+"""PaliGemma checkpoints in Hugging Face layout: checkpoint keys <-> our parameter names, strict filling, saving.
+
+Key layouts understood (all map onto our parameter names by prefix):
+
+| writer | vision | decoder | LM head |
+|---|---|---|---|
+| transformers 4.x (the Hub's) | vision_tower.vision_model.* | language_model.model.* | language_model.lm_head.* |
+| transformers 5.x files | vision_tower.* | language_model.* | lm_head.* |
+| transformers 5.x in memory | model.vision_tower.* | model.language_model.* | lm_head.* |
+| ours (= 4.x, for compatibility) | | | |
+
+Filling is strict: every parameter must be filled and every tensor in the files used, with the right
+shape, or the error names the offenders. The model class is not imported here (model.py's
+`save_pretrained` calls `save_model`); file access is safetensors_io.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hub import CheckpointError
+from .safetensors_io import FLOAT_DTYPES, checkpoint_files, read_tensors, tensor_headers, write_shards
+
+# Checkpoint key prefix -> our prefix, tried in order on each key.
+_KEY_RULES = [
+    (re.compile(r"^model\."), ""),  # 5.x in-memory names: model.vision_tower..., model.language_model...
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+    (re.compile(r"^language_model\.model\."), "language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+]
+
+
+def canonical_key(key: str) -> str:
+    """Map a checkpoint tensor name from any supported layout to our parameter name."""
+    for pattern, replacement in _KEY_RULES:
+        key = pattern.sub(replacement, key, count=1)
+    return key
+
+
+def hub_key(name: str) -> str:
+    """Our parameter name -> the transformers 4.x / Hub name that every transformers version reads."""
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower."):]
+    if name.startswith("language_model."):
+        return "language_model.model." + name[len("language_model."):]
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    return name
+
+
+def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> None:
+    """Fill `model` (a PaliGemma built on the meta device) from the safetensors files in `directory`.
+
+    dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in). Tensors are
+    assigned, not copied (see safetensors_io.read_tensors), so peak memory stays near one copy.
+    """
+    files = checkpoint_files(directory)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    sources = match_tensors(tensor_headers(files), expected, model.config.tie_word_embeddings)
+    if dtype is None:
+        dtype = _majority_dtype(sources)
+    state = {}
+    for file, names in _group_by_file(sources).items():
+        state.update(read_tensors(file, names, dtype, device))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def match_tensors(headers: Iterable[tuple[Path, str, tuple[int, ...], str]], expected: dict[str, tuple],
+                  tied_head: bool) -> dict[str, tuple[Path, str, str, int]]:
+    """Match every checkpoint tensor to a parameter; raise naming missing, unexpected and mis-shaped ones.
+
+    headers: (file, key, shape, dtype name) per tensor; expected: parameter name -> shape.
+    Returns parameter name -> (file, key, dtype name, element count).
+    """
+    sources, unexpected, misshaped = {}, [], []
+    for file, key, shape, dtype in headers:
+        name = canonical_key(key)
+        if name == "lm_head.weight" and tied_head:
+            continue  # a stored copy of the tied head: the embedding table is the head
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        if shape != expected[name]:
+            misshaped.append(f"{key}: checkpoint {shape} vs model {expected[name]}")
+        if name in sources:
+            unexpected.append(f"{key} (duplicate of {sources[name][1]})")
+        sources[name] = (file, key, dtype, math.prod(shape))
+    missing = sorted(set(expected) - set(sources))
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json (" + "; ".join(problems) + ")")
+    return sources
+
+
+def _majority_dtype(sources: dict) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's parameters."""
+    counts = Counter()
+    for _, _, dtype, numel in sources.values():
+        counts[dtype] += numel
+    name = counts.most_common(1)[0][0]
+    if name not in FLOAT_DTYPES:
+        raise CheckpointError(f"checkpoint weights are stored as {name}; expected a floating-point dtype")
+    return FLOAT_DTYPES[name]
+
+
+def _group_by_file(sources: dict) -> dict[Path, list[tuple[str, str]]]:
+    grouped: dict[Path, list[tuple[str, str]]] = {}
+    for name, (file, key, _, _) in sources.items():
+        grouped.setdefault(file, []).append((name, key))
+    return grouped
+
+
+def save_model(model: nn.Module, directory: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """config.json + model.safetensors (or shards and an index past `max_shard_bytes`), Hub key layout."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tensors = {hub_key(name): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    write_shards(tensors, directory, max_shard_bytes)
