@@ -8,6 +8,7 @@
 
 from .checkpoint_layout import save_model
 from .config import PRESETS, ConfigError, PaliGemmaConfig, TextConfig, VisionConfig
+from .errors import PaliGemmaError, UsageError
 from .generation import GenerationResult, StreamEvent, generate, generate_detailed, stream_generate
 from .hub import CheckpointError
 from .images import ImageError, ImageProcessor, load_image
@@ -23,8 +24,8 @@ from .tokenizer import Tokenizer, TokenizerError
 
 __all__ = [
     "CheckpointError", "ConfigError", "Detection", "DetectionResult", "GenerationResult", "ImageError", "ImageProcessor", "KVCache", "MaskCodec", "MaskCodecConfig", "PRESETS",
-    "PaliGemma", "PaliGemmaConfig", "PaliGemmaOutput", "Processor", "ProcessorOutput", "Segmentation", "SegmentationResult", "StreamEvent", "TextConfig",
-    "Tokenizer", "TokenizerError", "VisionConfig", "build_paligemma_spm", "encode_box", "format_detections", "format_segmentations", "generate", "generate_detailed",
+    "PaliGemma", "PaliGemmaConfig", "PaliGemmaError", "PaliGemmaOutput", "Processor", "ProcessorOutput", "Segmentation", "SegmentationResult", "StreamEvent", "TextConfig",
+    "Tokenizer", "TokenizerError", "UsageError", "VisionConfig", "build_paligemma_spm", "encode_box", "format_detections", "format_segmentations", "generate", "generate_detailed",
     "load_image", "load_mask_codec", "load_model", "load_processor", "parse_detections", "parse_segmentations",
     "save_mask_codec", "save_model", "stream_generate",
 ]

@@ -4,8 +4,9 @@
     paligemma generate --prompt "caption en"            # the bundled demo model and example image
 
 Other subcommands (finetune, serve, demo-eval) live with their code and are registered from
-`_PLUGINS` when their module is installed, imported only when chosen. User errors print one `error: ...` line and exit 2;
-Ctrl-C exits 130. Documentation: docs/cli.md.
+`_PLUGINS` when their module is installed, imported only when chosen. Every command loads its model
+through `cli_common.load`. User errors (`PaliGemmaError`, unreadable files) print one `error: ...`
+line and exit 2; anything else is a bug: traceback, exit 1. Ctrl-C exits 130. Documentation: docs/cli.md.
 """
 
 from __future__ import annotations
@@ -18,25 +19,26 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from .config import ConfigError
+from .cli_common import (
+    EXAMPLE_IMAGE,
+    PACKAGE_DIR,
+    add_mask_codec_argument,
+    add_model_arguments,
+    checkpoint_dir,
+    load,
+    mask_codec_path,
+    parse_device,
+)
 from .drawing import draw_caption, draw_detections, draw_masks
+from .errors import PaliGemmaError, UsageError
 from .generation import generate_detailed, stream_generate
-from .hub import CheckpointError, resolve_checkpoint
-from .images import ImageError, load_image
-from .processor import load_processor
+from .images import load_image
 from .sampling import SamplingParams
 from .segmentation import parse_segmentations
 from .tasks import parse_detections, prompt_task
-from .tokenizer import TokenizerError
 from .vqvae import MASK_CODEC_FILE
-from .loading import load_model
-
-PACKAGE_DIR = Path(__file__).parent
-DEMO_MODEL_DIR = PACKAGE_DIR / "demo_model"
-EXAMPLE_IMAGE = PACKAGE_DIR / "assets" / "example.png"
 
 EXIT_USER_ERROR = 2  # bad arguments, files, checkpoints, images (argparse uses 2 as well)
 EXIT_BUG = 1  # anything unexpected: printed with its traceback
@@ -49,11 +51,9 @@ _PLUGINS = [
     ("demo-eval", "paligemma.demo.cli", "evaluate a model on the demo shapes world"),
 ]
 
-# ValueError covers CheckpointError, ConfigError, ImageError, TokenizerError and bad settings;
-# OSError covers missing and unreadable files.
-_USER_ERRORS = (CheckpointError, ConfigError, ImageError, TokenizerError, ValueError, OSError)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# PaliGemmaError: bad settings, checkpoints, images, data (paligemma/errors.py); OSError: files that
+# are missing, unreadable or cannot be written. Anything else is a bug.
+_USER_ERRORS = (PaliGemmaError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,14 +95,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _add_plugin(subcommands, name: str, module_name: str, help_text: str) -> None:
     """Register subcommand `name` from `module_name`: absent when that module does not exist,
-    a one-line error (ValueError) when it exists but one of its own imports fails."""
+    a one-line error (UsageError) when it exists but one of its own imports fails."""
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         missing = getattr(err, "name", None)
         if isinstance(err, ModuleNotFoundError) and missing and (module_name + ".").startswith(missing + "."):
             return
-        raise ValueError(f"paligemma {name} is unavailable: {err}") from None
+        raise UsageError(f"paligemma {name} is unavailable: {err}") from None
     sub = subcommands.add_parser(name, help=help_text, description=help_text)
     module.add_arguments(sub)
     sub.set_defaults(run=module.run)
@@ -111,7 +111,6 @@ def _add_plugin(subcommands, name: str, module_name: str, help_text: str) -> Non
 # ---------------------------------------------------------------------- generate
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint directory or Hub repo id (default: the bundled demo model)")
     parser.add_argument("--image", help="image file (default with the demo model: its example image)")
     parser.add_argument("--prompt", required=True, help='task prompt, e.g. "caption en" or "detect cat ; dog"')
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
@@ -121,19 +120,14 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop when the answer contains STR (cut off; repeatable)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--quantize", choices=["int8", "int4"],
-                        help="weight-only quantization of the decoder and LM head at load time (CPU)")
-    add_optimize_argument(parser)
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object (see docs/cli.md)")
     output.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--draw", metavar="OUT.png",
                         help="write the image with the detected boxes or segment masks, or the answer text below it")
-    parser.add_argument("--mask-codec", metavar="FILE",
-                        help="VQ-VAE for segment answers: big_vision's vae-oid.npz or a .safetensors codec "
-                             f"(default: the checkpoint's {MASK_CODEC_FILE}, if it has one)")
+    model = parser.add_argument_group("model")
+    add_model_arguments(model)
+    add_mask_codec_argument(model)
     parser.set_defaults(run=run_generate)
 
 
@@ -142,20 +136,20 @@ def run_generate(args: argparse.Namespace) -> int:
     # Settings are checked before the (slow) model load.
     SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if args.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    device = _device(args.device)
+        raise UsageError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    parse_device(args.device)
     if args.draw:
         _check_draw_path(Path(args.draw))
-    model_dir, image_path = _model_and_image(args.model, args.image)
-    image = Image.fromarray(load_image(image_path))  # upright RGB; its size is what boxes map back to
+    image = Image.fromarray(load_image(_image(args.model, args.image)))  # upright RGB; boxes map back to its size
 
     task = prompt_task(args.prompt)
     start = time.perf_counter()
-    directory = resolve_checkpoint(model_dir)
-    codec = _mask_codec(args.mask_codec, directory) if task == "segment" else None  # before the slow part
-    processor = load_processor(directory)
-    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device, quantize=args.quantize,
-                       optimize=not args.no_optimize)
+    directory = checkpoint_dir(args.model)
+    if task == "segment" and mask_codec_path(directory, args.mask_codec) is None:
+        raise UsageError(f"a segment answer needs a mask codec to decode and {directory} has no {MASK_CODEC_FILE}: "
+                         "pass --mask-codec (e.g. big_vision's vae-oid.npz)")
+    model, processor, codec = load(directory, args.dtype, args.device, optimize=not args.no_optimize,
+                                   quantize=args.quantize, mask_codec=args.mask_codec)
     load_seconds = time.perf_counter() - start
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -169,7 +163,7 @@ def run_generate(args: argparse.Namespace) -> int:
         result = generate_detailed(model, processor, [image], [args.prompt], **options)[0]
 
     detections = parse_detections(result.text, image.size) if task == "detect" else None
-    segments = parse_segmentations(result.text, image.size, codec) if codec is not None else None
+    segments = parse_segmentations(result.text, image.size, codec) if task == "segment" else None
     if args.json:
         record = {"text": result.text, "tokens": result.token_ids, "finish_reason": result.finish_reason,
                   "prompt_tokens": result.prompt_tokens, "timings": {"load": load_seconds, **result.timings},
@@ -193,55 +187,24 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_optimize_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-optimize", action="store_true",
-                        help="load the model as trained instead of rewritten for inference (fused, prepacked "
-                             "matrices and the bf16 decode kernel; see paligemma/inference.py)")
-
-
-def _mask_codec(codec_path: str | None, model_dir: Path):
-    """The VQ-VAE that decodes `segment` answers: --mask-codec, else the checkpoint's own codec."""
-    from .vqvae import load_mask_codec
-
-    path = Path(codec_path) if codec_path else Path(model_dir) / MASK_CODEC_FILE
-    if not path.is_file():
-        raise ValueError(f"a segment answer needs a mask codec to decode: pass --mask-codec (e.g. big_vision's "
-                         f"vae-oid.npz); {path} does not exist")
-    return load_mask_codec(path)
-
-
-def _model_and_image(model: str | None, image: str | None) -> tuple[str | Path, str | Path]:
-    """--model and --image, defaulting to the bundled demo model and its example image."""
-    if model is None:
-        if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise ValueError(f"no --model given and the bundled demo model is not installed ({DEMO_MODEL_DIR}); "
-                             "pass --model with a checkpoint directory or Hub repo id")
-        model = DEMO_MODEL_DIR
-        if image is None:
-            if not EXAMPLE_IMAGE.is_file():
-                raise ValueError(f"no --image given and the example image {EXAMPLE_IMAGE} is missing; pass --image")
-            image = EXAMPLE_IMAGE
-    if image is None:
-        raise ValueError("--image is required with --model")
-    return model, image
+def _image(model: str | None, image: str | None) -> str | Path:
+    """--image, defaulting to the example image when the model is the bundled demo model."""
+    if image is not None:
+        return image
+    if model is not None:
+        raise UsageError("--image is required with --model")
+    checkpoint_dir(None)  # the demo model must be there (a clearer error than a missing image)
+    if not EXAMPLE_IMAGE.is_file():
+        raise UsageError(f"no --image given and the example image {EXAMPLE_IMAGE} is missing; pass --image")
+    return EXAMPLE_IMAGE
 
 
 def _check_draw_path(path: Path) -> None:
     """Fail before generating, not after, on an output path Pillow could not write."""
     if path.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"--draw {path}: unknown image extension {path.suffix!r} (use .png or .jpg)")
+        raise UsageError(f"--draw {path}: unknown image extension {path.suffix!r} (use .png or .jpg)")
     if not path.parent.is_dir():
-        raise ValueError(f"--draw {path}: directory {path.parent} does not exist")
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        raise UsageError(f"--draw {path}: directory {path.parent} does not exist")
 
 
 def _one_line(err: BaseException) -> str:

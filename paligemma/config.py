@@ -13,8 +13,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .errors import PaliGemmaError
 
-class ConfigError(ValueError):
+
+class ConfigError(PaliGemmaError, ValueError):
     """A config.json field is missing, of the wrong type, or inconsistent with another field."""
 
 

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import UsageError
 from .model import PaliGemma
 from .sampling import SamplingParams, make_generators, sample_next
 
@@ -48,9 +49,9 @@ class DecodeSession:
         context = model.config.text.max_position_embeddings
         for prompt_tokens, new_tokens in zip(attention_mask.sum(-1).tolist(), max_new_tokens):
             if new_tokens < 1:
-                raise ValueError(f"max_new_tokens must be >= 1, got {new_tokens}")
+                raise UsageError(f"max_new_tokens must be >= 1, got {new_tokens}")
             if prompt_tokens + new_tokens > context:
-                raise ValueError(f"prompt ({prompt_tokens} tokens, image tokens included) + max_new_tokens "
+                raise UsageError(f"prompt ({prompt_tokens} tokens, image tokens included) + max_new_tokens "
                                  f"({new_tokens}) exceeds the model's context of {context} tokens: shorten the "
                                  "prompt or ask for fewer new tokens")
         self.model = model
@@ -181,7 +182,7 @@ def _row_stops(stop, batch: int) -> list[list[str]]:
     per_row = _per_row(stop, batch, "stop") if any(s is None or isinstance(s, (list, tuple)) for s in stop) else [stop] * batch
     rows = [[] if row is None else [row] if isinstance(row, str) else list(row) for row in per_row]
     if any(not isinstance(s, str) or not s for row in rows for s in row):
-        raise ValueError("stop strings must be non-empty strings")
+        raise UsageError("stop strings must be non-empty strings")
     return rows
 
 

@@ -34,12 +34,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import PaliGemmaError
+
 DEFAULT_MAX_PIXELS = 64_000_000
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, io.IOBase]
 
 
-class ImageError(ValueError):
+class ImageError(PaliGemmaError, ValueError):
     """An image could not be read or is unusable; the message says what was wrong and what to do."""
 
 

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import PaliGemmaConfig
+from .config import ConfigError, PaliGemmaConfig
+from .errors import UsageError
+from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, ImageInput, ImageProcessor
 from .tokenizer import IMAGE_TOKEN, Tokenizer, TokenizerError
 
@@ -70,7 +72,7 @@ class Processor:
         prompts: a str or list of str, e.g. "caption en", "detect cat". No "<image>" in them.
         suffixes: training targets, one per prompt; adds `labels`.
         padding_side: "left" or "right"; default left without suffixes, right with them.
-        max_length: raise ValueError if a sample is longer (nothing is ever truncated).
+        max_length: raise UsageError if a sample is longer (nothing is ever truncated).
         with_pixels: False skips loading and resizing the images (no `pixel_values`; original sizes
             are None): for callers that already hold the images' features. `images` then only
             says how many images each prompt has.
@@ -80,11 +82,11 @@ class Processor:
         if suffixes is not None:
             suffixes = self._check_texts(suffixes, "suffixes")
             if len(suffixes) != len(prompts):
-                raise ValueError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts: give one suffix per prompt")
+                raise UsageError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts: give one suffix per prompt")
         if padding_side is None:
             padding_side = "left" if suffixes is None else "right"
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise UsageError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
         sequences = []  # (ids, number of prefix ids) per sample
         for index, (prompt, image_list) in enumerate(zip(prompts, image_lists)):
@@ -92,7 +94,7 @@ class Processor:
             suffix = [] if suffixes is None else self.encode_suffix(suffixes[index])
             if max_length is not None and len(prefix) + len(suffix) > max_length:
                 image_tokens = self.num_image_tokens * len(image_list)
-                raise ValueError(f"sample {index} is {len(prefix) + len(suffix)} tokens ({image_tokens} of them image "
+                raise UsageError(f"sample {index} is {len(prefix) + len(suffix)} tokens ({image_tokens} of them image "
                                  f"tokens) but max_length is {max_length}: shorten the text or raise max_length "
                                  "(nothing is truncated)")
             sequences.append((prefix + suffix, len(prefix)))
@@ -135,21 +137,20 @@ class Processor:
         elif texts is None or not isinstance(texts, (list, tuple)):
             raise TypeError(f"{name} must be a str or a list of str, got {type(texts).__name__}")
         if not texts:
-            raise ValueError(f"{name} is empty: give at least one")
+            raise UsageError(f"{name} is empty: give at least one")
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"{name}[{index}] must be a str, got {type(text).__name__}")
             if IMAGE_TOKEN in text:
-                raise ValueError(f"{name}[{index}] contains {IMAGE_TOKEN!r}; pass images with `images=` and the "
-                                 "processor "
-                                 "inserts the image tokens itself")
+                raise UsageError(f"{name}[{index}] contains {IMAGE_TOKEN!r}; pass images with `images=` and the "
+                                 "processor inserts the image tokens itself")
         return list(texts)
 
     @staticmethod
     def _group_images(images, num_prompts: int) -> list[list[ImageInput]]:
         """Normalise `images` to one non-empty list of images per prompt."""
         if images is None:
-            raise ValueError("images are required: PaliGemma needs at least one image per prompt")
+            raise UsageError("images are required: PaliGemma needs at least one image per prompt")
         if _is_image(images):
             images = [images]
         if not isinstance(images, (list, tuple)):
@@ -157,15 +158,14 @@ class Processor:
                             f"got {type(images).__name__}")
         nested = [isinstance(item, (list, tuple)) for item in images]
         if any(nested) and not all(nested):
-            raise ValueError("images mixes single images and lists: give one image per prompt, or one list per prompt")
+            raise UsageError("images mixes single images and lists: give one image per prompt, or one list per prompt")
         grouped = [list(item) for item in images] if images and all(nested) else [[item] for item in images]
         if len(grouped) != num_prompts:
-            raise ValueError(f"got {len(grouped)} image(s) or image lists for {num_prompts} prompt(s): give one "
-                             "image per "
-                             "prompt, or a list of images per prompt for several images per prompt")
+            raise UsageError(f"got {len(grouped)} image(s) or image lists for {num_prompts} prompt(s): give one "
+                             "image per prompt, or a list of images per prompt for several images per prompt")
         for index, group in enumerate(grouped):
             if not group:
-                raise ValueError(f"prompt {index} has no images: every prompt needs at least one")
+                raise UsageError(f"prompt {index} has no images: every prompt needs at least one")
         return grouped
 
     def _pad(self, sequences: list[tuple[list[int], int]], side: str, with_labels: bool) -> dict[str, torch.Tensor]:
@@ -185,13 +185,13 @@ class Processor:
 
 
 def load_processor(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Processor:
-    """The processor of a checkpoint directory.
+    """The processor of a checkpoint directory or Hub repo id (resolved as `load_model` resolves it).
 
     Reads config.json (image size, image token id), tokenizer.model or tokenizer.json, and
     preprocessor_config.json when present (its size, resample, rescale and mean/std are used; the
     size must agree with config.json). `max_pixels` bounds the images it will decode.
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     config = PaliGemmaConfig.from_json_file(path / "config.json")
     tokenizer = Tokenizer.from_pretrained(path, image_token_index=config.image_token_index)
     for name, ours in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
@@ -201,21 +201,23 @@ def load_processor(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pr
 
     size = config.vision.image_size
     preprocessor_file = path / "preprocessor_config.json"
-    if preprocessor_file.is_file():
-        try:
-            raw = json.loads(preprocessor_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{preprocessor_file} is not valid JSON: {err}") from None
+    if not preprocessor_file.is_file():
+        return Processor(tokenizer, ImageProcessor(height=size, width=size, max_pixels=max_pixels),
+                         config.num_image_tokens)
+    try:
+        raw = json.loads(preprocessor_file.read_text(encoding="utf-8"))
         image_processor = ImageProcessor.from_preprocessor_config(raw, max_pixels=max_pixels)
-        if (image_processor.height, image_processor.width) != (size, size):
-            raise ValueError(f"{preprocessor_file} resizes to {image_processor.height}x{image_processor.width} but "
-                             f"config.json's vision image_size is {size}")
-        seq_length = raw.get("image_seq_length")
-        if seq_length is not None and seq_length != config.num_image_tokens:
-            raise ValueError(f"{preprocessor_file} image_seq_length is {seq_length} but config.json implies "
-                             f"{config.num_image_tokens} image tokens")
-    else:
-        image_processor = ImageProcessor(height=size, width=size, max_pixels=max_pixels)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{preprocessor_file} is not valid JSON: {err}") from None
+    except (ValueError, TypeError) as err:  # a setting ImageProcessor cannot take, named in the message
+        raise ConfigError(f"{err} (in {preprocessor_file})") from None
+    if (image_processor.height, image_processor.width) != (size, size):
+        raise ConfigError(f"{preprocessor_file} resizes to {image_processor.height}x{image_processor.width} but "
+                          f"config.json's vision image_size is {size}")
+    seq_length = raw.get("image_seq_length")
+    if seq_length is not None and seq_length != config.num_image_tokens:
+        raise ConfigError(f"{preprocessor_file} image_seq_length is {seq_length} but config.json implies "
+                          f"{config.num_image_tokens} image tokens")
     return Processor(tokenizer, image_processor, config.num_image_tokens)
 
 

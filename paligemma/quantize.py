@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import PaliGemmaError
 from .kernels import MAX_ROWS, dequantize_int4, dequantize_int8, gemv_int8, quantize_int8 as quantize_int8_kernel
 
 MODES = ("int8", "int4")
@@ -37,7 +38,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = {"int4": 64, "int8": 256}
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(PaliGemmaError, RuntimeError):
     """Quantized kernels unavailable on this machine, or a layer shape they cannot take."""
 
 

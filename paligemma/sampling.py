@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,11 +22,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature >= 0 and self.temperature == self.temperature):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise UsageError(f"top_k must be an integer >= 0, got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -65,5 +67,5 @@ def make_generators(seed: int | list[int | None] | None, batch_size: int) -> lis
     """One generator per row: an int seeds every row alike, a list gives each row its own seed."""
     seeds = seed if isinstance(seed, list) else [seed] * batch_size
     if len(seeds) != batch_size:
-        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch_size}")
+        raise UsageError(f"got {len(seeds)} seeds for a batch of {batch_size}")
     return [None if s is None else torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -13,12 +13,14 @@ import re
 from pathlib import Path
 from typing import Iterable, Protocol
 
+from .errors import PaliGemmaError
+
 NUM_LOC_TOKENS = 1024
 NUM_SEG_TOKENS = 128
 IMAGE_TOKEN = "<image>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PaliGemmaError, ValueError):
     """A tokenizer file is missing, unreadable, or inconsistent with the model config."""
 
 
@@ -215,9 +217,9 @@ class Tokenizer:
     def _contiguous_block(self, pieces: list[str]) -> int:
         ids = [self._backend.piece_to_id(p) for p in pieces]
         if ids[0] is None or ids != list(range(ids[0], ids[0] + len(ids))):
-            raise TokenizerError(f"{self._source} does not have {pieces[0]}..{pieces[-1]} as consecutive single "
-                                 "pieces; "
-                                 "PaliGemma tokenizers have them after the text vocabulary (256000.. in Gemma's)")
+            raise TokenizerError(f"{self._source} does not have {pieces[0]}..{pieces[-1]} as consecutive "
+                                 "single pieces; PaliGemma tokenizers have them after the text vocabulary "
+                                 "(256000.. in Gemma's)")
         return ids[0]
 
 

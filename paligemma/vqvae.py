@@ -41,12 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import PaliGemmaError
+
 GRID = 4  # codes form a GRID x GRID grid
 NUM_TOKENS = GRID * GRID  # 16 <seg> tokens per mask
 MASK_SIZE = 64  # decoded / encoded mask side
 MASK_CODEC_FILE = "mask_codec.safetensors"  # a checkpoint's own codec for `segment` answers, when it has one
 _NUM_LAYERS = 4  # stride-2 layers: 64 = 4 * 2**4
 _NUM_RES_BLOCKS = 2
+
+
+class MaskCodecError(PaliGemmaError, ValueError):
+    """A mask codec file is unreadable or not a codec of this architecture."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +213,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> MaskCodecConfig
             kwargs["encoder_kernel"] = shapes["encoder.0.weight"][-1]
             kwargs["encoder_out_kernel"] = shapes["encoder.10.weight"][-1]
     except (KeyError, ValueError, IndexError) as err:
-        raise ValueError(f"not a big_vision mask VQ-VAE checkpoint (missing or odd {err})") from None
+        raise MaskCodecError(f"not a big_vision mask VQ-VAE checkpoint (missing or odd {err})") from None
     return MaskCodecConfig(num_codes, embed_dim, hidden, **kwargs)
 
 
@@ -227,8 +233,8 @@ def codec_from_state_dict(state: Mapping[str, torch.Tensor | np.ndarray]) -> Mas
     misshapen = sorted(f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
                        for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
     if missing or unexpected or misshapen:
-        raise ValueError(f"mask codec checkpoint does not match the architecture: missing {missing}, "
-                         f"unexpected {unexpected}, misshapen {misshapen}")
+        raise MaskCodecError(f"mask codec checkpoint does not match the architecture: missing {missing}, "
+                             f"unexpected {unexpected}, misshapen {misshapen}")
     codec.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return codec.eval()
 
@@ -236,14 +242,19 @@ def codec_from_state_dict(state: Mapping[str, torch.Tensor | np.ndarray]) -> Mas
 def load_mask_codec(path: str | os.PathLike) -> MaskCodec:
     """Load big_vision's `vae-oid.npz` (or any .npz in its layout) or a `.safetensors` from `save_mask_codec`."""
     path = os.fspath(path)
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:
-            state = {k: npz[k] for k in npz.files}
-    elif path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        raise ValueError(f"mask codec files are .npz (big_vision) or .safetensors, got {path!r}")
+    if not path.endswith((".npz", ".safetensors")):
+        raise MaskCodecError(f"mask codec files are .npz (big_vision) or .safetensors, got {path!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask codec {path} does not exist")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as npz:
+                state = {k: npz[k] for k in npz.files}
+        else:
+            from safetensors.torch import load_file
+            state = load_file(path)
+    except Exception as err:  # numpy, zipfile and safetensors raise several unrelated types for a bad file
+        raise MaskCodecError(f"{path} is not a readable mask codec ({err})") from None
     return codec_from_state_dict(state)
 
 

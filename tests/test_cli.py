@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import paligemma
-from paligemma import cli
+from paligemma import cli, cli_common
 from paligemma.generation import GenerationResult
 
 IMAGE_SIZE = (60, 40)  # (width, height): not square, so box mapping is checked on both axes
@@ -70,7 +70,7 @@ def test_model_is_optimized_for_inference_unless_asked_not_to(capsys, monkeypatc
         seen.append(kwargs["optimize"])
         return paligemma.load_model(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "load_model", spy)
+    monkeypatch.setattr(cli_common, "load_model", spy)
     code, out, _ = _generate(capsys, *flags, model=tiny_checkpoint_dir, image=image_file)
     assert code == 0 and out == expected_caption + "\n"  # same greedy answer either way
     assert seen == [optimized]
@@ -184,14 +184,14 @@ def test_draw_other_prompt_writes_the_answer_below_the_image(capsys, tmp_path, t
 
 def test_demo_model_and_example_image_are_the_defaults(capsys, monkeypatch, tiny_checkpoint_dir, image_file,
                                                        expected_caption):
-    monkeypatch.setattr(cli, "DEMO_MODEL_DIR", tiny_checkpoint_dir)
+    monkeypatch.setattr(cli_common, "DEMO_MODEL_DIR", tiny_checkpoint_dir)
     monkeypatch.setattr(cli, "EXAMPLE_IMAGE", image_file)
     code, out, _ = _generate(capsys)
     assert code == 0 and out == expected_caption + "\n"
 
 
 def test_missing_demo_model_asks_for_model(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "DEMO_MODEL_DIR", tmp_path / "no-demo")
+    monkeypatch.setattr(cli_common, "DEMO_MODEL_DIR", tmp_path / "no-demo")
     _assert_user_error(*_generate(capsys), "demo model", "--model")
 
 
@@ -262,3 +262,104 @@ def test_python_dash_m_entry_point(tiny_checkpoint_dir, image_file, expected_cap
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected_caption + "\n"
+
+
+# ---------------------------------------------------------------------- one loader, one set of options
+
+def _parse(argv):
+    return cli.build_parser(argv).parse_args(argv)
+
+
+def test_every_command_takes_the_shared_model_options():
+    generate = _parse(["generate", "--prompt", "x"])
+    assert (generate.model, generate.dtype, generate.device, generate.quantize, generate.no_optimize,
+            generate.mask_codec) == (None, None, "cpu", None, False, None)
+    tuned = _parse(["generate", "--prompt", "x", "--model", "m", "--dtype", "bfloat16", "--device", "cuda:1",
+                    "--quantize", "int4", "--no-optimize", "--mask-codec", "c.npz"])
+    assert (tuned.model, tuned.dtype, tuned.device, tuned.quantize, tuned.no_optimize, tuned.mask_codec) == \
+        ("m", "bfloat16", "cuda:1", "int4", True, "c.npz")
+    finetune = _parse(["finetune", "--model", "m", "--data", "d", "--out", "o"])
+    assert (finetune.model, finetune.dtype) == ("m", "float32")  # trained: no device/quantize/optimize options
+    assert not hasattr(finetune, "quantize") and not hasattr(finetune, "no_optimize")
+    demo = _parse(["demo-eval"])
+    assert (demo.model, demo.dtype, demo.mask_codec, demo.no_segmentation) == (None, None, None, False)
+    with pytest.raises(SystemExit):  # --mask-codec and --no-segmentation exclude each other
+        _parse(["demo-eval", "--mask-codec", "c.npz", "--no-segmentation"])
+    with pytest.raises(SystemExit):  # finetune's --model is required
+        _parse(["finetune", "--data", "d", "--out", "o"])
+
+
+def test_load_returns_model_processor_and_the_checkpoints_codec(tmp_path, tiny_checkpoint_dir):
+    from paligemma.vqvae import MASK_CODEC_FILE, MaskCodec, MaskCodecConfig, save_mask_codec
+
+    model, processor, codec = cli_common.load(tiny_checkpoint_dir, "float32")
+    assert isinstance(model, paligemma.PaliGemma) and isinstance(processor, paligemma.Processor) and codec is None
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+
+    model_dir = tmp_path / "with-codec"
+    model_dir.mkdir()
+    for file in Path(tiny_checkpoint_dir).iterdir():
+        (model_dir / file.name).symlink_to(file)
+    save_mask_codec(MaskCodec(MaskCodecConfig(num_codes=128, embed_dim=8, hidden=8)), model_dir / MASK_CODEC_FILE)
+    assert isinstance(cli_common.load(model_dir)[2], MaskCodec)
+    explicit = cli_common.load(tiny_checkpoint_dir, mask_codec=model_dir / MASK_CODEC_FILE)[2]
+    assert isinstance(explicit, MaskCodec)
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(dtype="float16"), "--dtype 'float16'"),
+    (dict(device="meta", quantize="int8"), "CPU only"),
+    (dict(device="not-a-device"), "not a torch device"),
+    (dict(mask_codec="missing.npz"), "--mask-codec missing.npz does not exist"),
+])
+def test_load_checks_its_options_first(tmp_path, options, phrase):
+    with pytest.raises(paligemma.PaliGemmaError, match=phrase):
+        cli_common.load(tmp_path / "nowhere" if "mask_codec" not in options else tmp_path, **options)
+
+
+def test_checkpoint_dir_defaults_to_the_demo_model(monkeypatch, tmp_path, tiny_checkpoint_dir):
+    monkeypatch.setattr(cli_common, "DEMO_MODEL_DIR", tiny_checkpoint_dir)
+    assert cli_common.checkpoint_dir(None) == tiny_checkpoint_dir
+    assert cli_common.checkpoint_dir(str(tmp_path)) == tmp_path
+    monkeypatch.setattr(cli_common, "DEMO_MODEL_DIR", tmp_path / "no-demo")
+    with pytest.raises(paligemma.UsageError, match="demo model is not installed"):
+        cli_common.checkpoint_dir(None)
+
+
+# ---------------------------------------------------------------------- exit codes in every command
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["demo-eval", "--scenes", "0"], "--scenes"),
+    (["demo-eval", "--model", "/nowhere/ckpt"], "nowhere"),
+    (["serve", "--max-batch-size", "0"], "--max-batch-size"),
+    (["finetune", "--model", "/nowhere/ckpt", "--data", "d.jsonl", "--out", "o"], "nowhere"),
+    (["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o", "--batch-size", "0"], "batch_size must be >= 1"),
+])
+def test_user_errors_exit_2_in_every_command(capsys, argv, phrase):
+    _assert_user_error(cli.main(argv), *capsys.readouterr(), phrase)
+
+
+def test_finetune_module_entry_point_has_the_same_exit_codes(capsys, tmp_path):
+    from paligemma.finetune import cli as finetune_cli
+
+    code = finetune_cli.main(["--model", str(tmp_path / "nowhere"), "--data", "d.jsonl", "--out", str(tmp_path)])
+    _assert_user_error(code, *capsys.readouterr(), "nowhere")
+    assert finetune_cli.main(["--data", "d.jsonl"]) == 2  # argparse: --model and --out missing
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--max-new-tokens", "100000"], "exceeds the model's context"),
+    (["--stop", ""], "stop strings must be non-empty"),
+    (["--prompt", "<image> caption en"], "contains '<image>'"),
+    (["--prompt", "segment cat", "--mask-codec", "missing.npz"], "--mask-codec missing.npz does not exist"),
+])
+def test_library_user_errors_exit_2(capsys, tiny_checkpoint_dir, image_file, extra, phrase):
+    _assert_user_error(*_generate(capsys, *extra, model=tiny_checkpoint_dir, image=image_file), phrase)
+
+
+def test_unreadable_mask_codec_is_a_user_error(capsys, tmp_path, tiny_checkpoint_dir, image_file):
+    bad = tmp_path / "codec.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    _assert_user_error(*_generate(capsys, "--mask-codec", str(bad), model=tiny_checkpoint_dir, image=image_file,
+                                  prompt="segment cat"), "not a readable mask codec")

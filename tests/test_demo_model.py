@@ -8,13 +8,12 @@ from PIL import Image
 
 import paligemma
 from paligemma.cli import main
-from paligemma.demo.cli import DEMO_MODEL_DIR
+from paligemma.cli_common import DEMO_MODEL_DIR, EXAMPLE_IMAGE
 from paligemma.demo.evaluate import evaluate_demo
 from paligemma.demo.recipe import EVAL_SEED0
 from paligemma.demo.scenes import caption, generate_scene
 
 EXAMPLE_SEED = 1_000_005_024
-EXAMPLE_IMAGE = DEMO_MODEL_DIR.parent / "assets" / "example.png"
 PROMPTS = ["caption en", "detect circle", "detect square", "answer en how many circles are there?",
            "answer en what color is the triangle?"]
 

@@ -362,4 +362,6 @@ def test_cli_reports_bad_data_and_unsupported_options(tmp_path, base_dir, capsys
     (tmp_path / "bad.jsonl").write_text('{"image": "nope.png", "prefix": "p", "suffix": "s"}\n')
     code = main(["--model", str(base_dir), "--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o"),
                  "--strict", "--no-progress"])
-    assert code == 1 and "bad.jsonl:1: image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl:1: image" in err  # a user error (docs/cli.md): one line, no traceback
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from paligemma.config import ConfigError
+from paligemma.errors import PaliGemmaError, UsageError
+from paligemma.images import ImageError
 from paligemma.processor import Processor, ProcessorOutput, load_processor
 from paligemma.tokenizer import TokenizerError
 
@@ -176,17 +178,38 @@ def _edit_json(name, **changes):
 
 
 @pytest.mark.parametrize("edit,error,message", [
-    (_edit_json("preprocessor_config.json", size={"height": 56, "width": 56}), ValueError, "resizes to 56x56"),
-    (_edit_json("preprocessor_config.json", image_seq_length=9), ValueError, "image_seq_length is 9"),
+    (_edit_json("preprocessor_config.json", size={"height": 56, "width": 56}), ConfigError, "resizes to 56x56"),
+    (_edit_json("preprocessor_config.json", image_seq_length=9), ConfigError, "image_seq_length is 9"),
+    (_edit_json("preprocessor_config.json", do_pad=True), ConfigError, r"do_pad=True.*\(in .*preprocessor_config"),
     (_edit_json("config.json", image_token_index=7), TokenizerError, "do not belong together|is the piece"),
     (_edit_json("config.json", bos_token_id=5), TokenizerError, "bos_token_id is 5"),
     (lambda d: (d / "tokenizer.model").unlink(), TokenizerError, "neither tokenizer.model nor tokenizer.json"),
     (lambda d: (d / "config.json").unlink(), ConfigError, "config.json"),
-    (lambda d: (d / "preprocessor_config.json").write_text("{oops"), ValueError, "not valid JSON"),
+    (lambda d: (d / "preprocessor_config.json").write_text("{oops"), ConfigError, "not valid JSON"),
 ])
 def test_inconsistent_checkpoints_raise(processor_checkpoint_factory, tmp_path, edit, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as info:
         load_processor(_broken_copy(processor_checkpoint_factory(28), tmp_path, edit))
+    assert isinstance(info.value, PaliGemmaError)  # what the command line reports as a user error
+
+
+def test_hub_repo_id_resolves_like_load_model(processor_checkpoint_factory, monkeypatch):
+    """A repo id goes through hub.resolve_checkpoint (here: a fake snapshot_download, no network)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    directory = processor_checkpoint_factory(28)
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(directory)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    from_hub = load_processor("google/paligemma-3b-pt-224")
+    assert asked == ["google/paligemma-3b-pt-224"]
+    local = load_processor(directory)
+    assert from_hub.num_image_tokens == local.num_image_tokens
+    assert from_hub.encode_prefix("caption en") == local.encode_prefix("caption en")
 
 
 # ---------------------------------------------------------------------- outputs and helpers
@@ -211,26 +234,26 @@ def test_max_length_raises_instead_of_truncating(processor_checkpoint_factory, p
     fits = processor(photos[0], "caption en", suffixes="a red circle", max_length=length)
     assert fits["input_ids"].shape[1] == length
     message = rf"sample 0 is {length} tokens \(4 of them image tokens\).*nothing is truncated"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         processor(photos[0], "caption en", suffixes="a red circle", max_length=length - 1)
 
 
 @pytest.mark.parametrize("call,error,message", [
-    (lambda p, im: p([im, im], ["a", "b", "c"]), ValueError, r"got 2 image\(s\) or image lists for 3 prompt\(s\)"),
-    (lambda p, im: p(im, ["a", "b"]), ValueError, r"got 1 image\(s\) or image lists for 2 prompt\(s\)"),
-    (lambda p, im: p([im], []), ValueError, "prompts is empty"),
+    (lambda p, im: p([im, im], ["a", "b", "c"]), UsageError, r"got 2 image\(s\) or image lists for 3 prompt\(s\)"),
+    (lambda p, im: p(im, ["a", "b"]), UsageError, r"got 1 image\(s\) or image lists for 2 prompt\(s\)"),
+    (lambda p, im: p([im], []), UsageError, "prompts is empty"),
     (lambda p, im: p(im, None), TypeError, "prompts must be a str"),
     (lambda p, im: p(im, ["a", 3]), TypeError, r"prompts\[1\] must be a str"),
-    (lambda p, im: p(None, "a"), ValueError, "images are required"),
-    (lambda p, im: p([], "a"), ValueError, r"got 0 image\(s\)"),
-    (lambda p, im: p([[im], im], ["a", "b"]), ValueError, "mixes single images and lists"),
-    (lambda p, im: p([[im], []], ["a", "b"]), ValueError, "prompt 1 has no images"),
+    (lambda p, im: p(None, "a"), UsageError, "images are required"),
+    (lambda p, im: p([], "a"), UsageError, r"got 0 image\(s\)"),
+    (lambda p, im: p([[im], im], ["a", "b"]), UsageError, "mixes single images and lists"),
+    (lambda p, im: p([[im], []], ["a", "b"]), UsageError, "prompt 1 has no images"),
     (lambda p, im: p({"image": im}, "a"), TypeError, "images must be"),
-    (lambda p, im: p(im, "<image> caption"), ValueError, "contains '<image>'"),
-    (lambda p, im: p([im, im], ["a", "b"], suffixes=["x"]), ValueError, "got 1 suffixes for 2 prompts"),
+    (lambda p, im: p(im, "<image> caption"), UsageError, "contains '<image>'"),
+    (lambda p, im: p([im, im], ["a", "b"], suffixes=["x"]), UsageError, "got 1 suffixes for 2 prompts"),
     (lambda p, im: p(im, "a", suffixes=[None]), TypeError, r"suffixes\[0\] must be a str"),
-    (lambda p, im: p(im, "a", padding_side="middle"), ValueError, "padding_side"),
-    (lambda p, im: p(b"not an image", "a"), ValueError, "not a readable image"),
+    (lambda p, im: p(im, "a", padding_side="middle"), UsageError, "padding_side"),
+    (lambda p, im: p(b"not an image", "a"), ImageError, "not a readable image"),
 ])
 def test_bad_calls_raise(processor_checkpoint_factory, photos, call, error, message):
     processor = load_processor(processor_checkpoint_factory(28))

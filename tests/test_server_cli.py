@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from server_helpers import image_message, png_data_uri  # noqa: E402
 
 from paligemma.cli import main  # noqa: E402
-from paligemma.server import cli as server_cli  # noqa: E402
+from paligemma import cli_common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ def test_bad_options_are_user_errors(argv, capsys):
 
 
 def test_missing_demo_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(server_cli, "DEMO_MODEL_DIR", tmp_path / "demo_model")
+    monkeypatch.setattr(cli_common, "DEMO_MODEL_DIR", tmp_path / "demo_model")
     assert main(["serve"]) == 2
     assert "demo model is not installed" in capsys.readouterr().err
 

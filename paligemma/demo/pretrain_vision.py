@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from ..contrastive import (LOSS_KINDS, DualEncoder, DualEncoderConfig, TextTowerConfig, pad_texts,
                            retrieval_recall_at_1, zero_shot_predictions)
+from ..cli_common import DEMO_TOKENIZER
 from ..config import VisionConfig
 from ..finetune.schedule import build_optimizer, lr_at, set_lr
 from ..images import ImageProcessor
@@ -37,7 +38,6 @@ from .scenes import COLORS, SHAPES, caption, generate_scene, noun_phrase
 
 PRETRAIN_SEED0 = 5 * 10**8
 EVAL_SCENE_SEED0 = EVAL_SEED0 + 2 * 10**6  # held out, and apart from demo-eval's scenes
-DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "demo_model" / "tokenizer.model"
 
 
 @dataclass

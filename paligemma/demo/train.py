@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli_common import DEMO_MASK_CODEC
 from ..finetune.data import Example, FinetuneDataset
 from ..finetune.trainer import TrainConfig, train
 from ..processor import load_processor
@@ -21,8 +22,6 @@ from ..vqvae import MASK_CODEC_FILE, MaskCodec, load_mask_codec
 from ..loading import load_model
 from .recipe import EVAL_SEED0, SCENE_SIZE, TRAIN_SEED0, create_initial_checkpoint
 from .scenes import sample_example
-
-DEMO_MASK_CODEC = Path(__file__).resolve().parent.parent / "demo_model" / MASK_CODEC_FILE
 
 
 class SceneDataset(FinetuneDataset):

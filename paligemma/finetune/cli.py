@@ -4,24 +4,27 @@
     torchrun --nproc_per_node 2 -m paligemma.finetune.cli --model ckpt/ --data train.jsonl --out runs/a [--fsdp]
 
 The main CLI registers the subcommand from `add_arguments` and `run`; `python -m
-paligemma.finetune.cli` runs it directly (what torchrun needs: a module or a script).
+paligemma.finetune.cli ARGS` is `paligemma finetune ARGS` (torchrun needs a module or a script), with
+the same exit codes: 2 and one `error: ...` line for a user error (docs/cli.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
+from ..cli_common import add_model_arguments, checkpoint_dir, load
+from ..errors import UsageError
 from .trainer import TrainConfig
-
-_DTYPES = ("float32", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the fine-tuning options to `parser`."""
+    add_model_arguments(parser.add_argument_group("model"), required=True, default_dtype="float32",
+                        inference_options=False)
     io = parser.add_argument_group("data and files")
-    io.add_argument("--model", required=True, help="base checkpoint folder (HF layout) or Hub repo id")
     io.add_argument("--data", required=True, help="training JSONL: {image, prefix, suffix} per line")
     io.add_argument("--eval-data", help="held-out JSONL, evaluated every --eval-every steps and at the end")
     io.add_argument("--out", required=True, help="output folder: checkpoint-STEP/, final/, metrics.jsonl")
@@ -44,7 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay in --dtype)")
-    opt.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype the weights are loaded and trained in")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
 
     what = parser.add_argument_group("what to train")
@@ -65,7 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The `TrainConfig` the parsed arguments describe."""
+    """The `TrainConfig` the parsed arguments describe; UsageError if they do not fit together."""
+    try:
+        return _train_config(args)
+    except ValueError as err:  # TrainConfig's own checks, all of them about the options given
+        raise UsageError(str(err)) from None
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         out_dir=args.out, model_dir=args.model, steps=args.steps, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
@@ -80,27 +89,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train as the arguments say; prints a JSON summary (rank 0). Returns the exit status."""
-    import torch
-
-    from ..hub import CheckpointError, resolve_checkpoint
-    from ..processor import load_processor
-    from ..loading import load_model
-    from .data import DataError
+    """Train as the arguments say; prints a JSON summary (rank 0). User errors raise PaliGemmaError."""
     from .distributed import init_distributed
     from .trainer import train
 
-    try:
-        config = config_from_args(args)
-        model_dir = resolve_checkpoint(args.model)
-        config.model_dir = str(model_dir)
-        env = init_distributed()
-        model = load_model(model_dir, dtype=getattr(torch, args.dtype))
-        processor = load_processor(model_dir)
-        summary = train(model, processor, args.data, config, eval_data=args.eval_data)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    config = config_from_args(args)
+    if args.lora_rank and importlib.util.find_spec("peft") is None:
+        raise UsageError("--lora-rank needs the optional 'peft' package: pip install peft")
+    directory = checkpoint_dir(args.model)
+    config.model_dir = str(directory)
+    env = init_distributed()
+    model, processor, _ = load(directory, args.dtype)
+    summary = train(model, processor, args.data, config, eval_data=args.eval_data)
     if env.is_main:
         report = {"steps": summary.steps, "final_loss": summary.final_loss, "final_dir": summary.final_dir,
                   "trainable_parameters": summary.trainable_parameters, "elapsed_s": round(summary.elapsed, 2)}
@@ -111,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="paligemma finetune", description="Fine-tune PaliGemma on JSONL data.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`paligemma finetune ARGV` (default: sys.argv[1:]); returns the exit code."""
+    from ..cli import main as paligemma_main
+
+    return paligemma_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from typing import Any, Iterable, Sequence
 import torch
 from PIL import Image
 
+from ..errors import PaliGemmaError
 from ..images import ImageError
 
 FIELDS = ("image", "prefix", "suffix")
 
 
-class DataError(ValueError):
+class DataError(PaliGemmaError, ValueError):
     """A fine-tuning data row is unusable; the message names the file and line."""
 
 
@@ -180,8 +181,8 @@ class MicroBatchSampler:
     def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool, start: int, stop: int,
                  lo: int = 0, hi: int | None = None):
         if num_examples < batch_size:
-            raise ValueError(f"the dataset has {num_examples} usable example(s), fewer than one batch of "
-                             f"{batch_size}: lower the batch size or add data")
+            raise DataError(f"the dataset has {num_examples} usable example(s), fewer than one batch of "
+                            f"{batch_size}: lower the batch size or add data")
         self.num_examples, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
         self.start, self.stop = start, stop
         self.lo, self.hi = lo, batch_size if hi is None else hi

@@ -23,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -74,7 +76,7 @@ def barrier(env: DistEnv) -> None:
 def shard_bounds(batch_size: int, env: DistEnv) -> tuple[int, int]:
     """This rank's slice [start, stop) of a global micro-batch of `batch_size` examples."""
     if batch_size % env.world_size:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {env.world_size} processes: every "
+        raise UsageError(f"batch_size {batch_size} is not divisible by the {env.world_size} processes: every "
                          "process takes an equal share of each global batch")
     per_rank = batch_size // env.world_size
     return env.rank * per_rank, (env.rank + 1) * per_rank
@@ -86,7 +88,7 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
     """The module the training loop calls: `model` itself, DDP around it, or `model` sharded in place."""
     if fsdp:
         if not env.enabled:
-            raise ValueError("FSDP shards the model over several processes: launch with torchrun "
+            raise UsageError("FSDP shards the model over several processes: launch with torchrun "
                              "--nproc_per_node N (N >= 2)")
         from torch.distributed.fsdp import fully_shard
         for layer in [*model.vision_tower.encoder.layers, *model.language_model.layers]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UsageError
+
 FREEZABLE = ("vision", "projector", "embeddings", "decoder")
 
 
@@ -35,7 +37,7 @@ def set_trainable(model: nn.Module, freeze=(), attention_only: bool = False) -> 
     freeze = set(freeze)
     unknown = freeze - set(FREEZABLE)
     if unknown:
-        raise ValueError(f"unknown part(s) to freeze {sorted(unknown)}; choose from {list(FREEZABLE)}")
+        raise UsageError(f"unknown part(s) to freeze {sorted(unknown)}; choose from {list(FREEZABLE)}")
     for name, param in model.named_parameters():
         if attention_only:
             trainable = name.startswith("language_model.layers.") and ".self_attn." in name

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import UsageError
 from ..model import PaliGemma
 from ..checkpoint_layout import hub_key
 
@@ -43,7 +44,7 @@ def apply_lora(model: PaliGemma, rank: int = 8, alpha: float = 16.0, dropout: fl
                base_model_name_or_path: str | None = None) -> PaliGemma:
     """Inject LoRA adapters (in place) into the decoder projections; freeze all base weights."""
     if rank <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {rank}")
+        raise UsageError(f"LoRA rank must be positive, got {rank}")
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
     peft = _peft()

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import UsageError
+
 
 def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
     """Learning rate of optimizer step `step` (0-based): the update that takes the model to step + 1."""
@@ -40,7 +42,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     if not decay and not no_decay:
-        raise ValueError("nothing to train: every parameter is frozen")
+        raise UsageError("nothing to train: every parameter is frozen")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False: the per-parameter loop is the same arithmetic whatever the parameter grouping,
     # which keeps a sharded (FSDP) run and a plain one numerically aligned.

@@ -28,7 +28,7 @@ import torch
 from ..model import PaliGemma
 from . import checkpoint as ckpt
 from . import lora
-from .data import Collator, MicroBatchSampler, as_dataset
+from .data import Collator, DataError, MicroBatchSampler, as_dataset
 from .distributed import (DistEnv, all_reduce_sum, barrier, gradient_sync, init_distributed, shard_bounds,
                           wrap_model)
 from .evaluation import autocast_context, count_targets, evaluate
@@ -118,7 +118,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     train_set = as_dataset(train_data, strict=config.strict)
     eval_set = as_dataset(eval_data, strict=config.strict) if eval_data is not None else None
     if eval_set is not None and len(eval_set) == 0:
-        raise ValueError("the evaluation set has no usable examples")
+        raise DataError("the evaluation set has no usable examples")
 
     if config.lora_rank:
         lora.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.model_dir)

@@ -15,15 +15,17 @@ import logging
 import os
 import sys
 
-from ..cli import _DTYPES, DEMO_MODEL_DIR, _device, add_optimize_argument
-from ..vqvae import MASK_CODEC_FILE
+from ..cli_common import add_mask_codec_argument, add_model_arguments, checkpoint_dir, load
+from ..errors import UsageError
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's options."""
-    parser.add_argument("--model", help="checkpoint directory or Hub repo id (default: the bundled demo model)")
+    model = parser.add_argument_group("model")
+    add_model_arguments(model)
+    add_mask_codec_argument(model)
     parser.add_argument("--model-name", help="model id reported by /v1/models and in responses "
                         "(default: the checkpoint directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -49,36 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest image file accepted, data: URIs included, in MiB (default 20)")
     parser.add_argument("--remote-image-timeout", type=float, default=10.0,
                         help="seconds allowed for fetching a remote image, redirects included (default 10)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--quantize", choices=["int8", "int4"],
-                        help="weight-only quantization of the decoder and LM head at load time (CPU)")
-    add_optimize_argument(parser)
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--mask-codec", metavar="FILE",
-                        help="VQ-VAE that decodes segment answers into masks: big_vision's vae-oid.npz or a "
-                             f".safetensors codec (default: the checkpoint's {MASK_CODEC_FILE}, if it has one)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the options, load the model, serve until interrupted. User errors raise ValueError."""
+    """Check the options, load the model, serve until interrupted. User errors raise PaliGemmaError."""
     for name in ("max_batch_size", "max_queue", "max_tokens_cap", "max_images", "max_image_pixels"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.image_cache_size < 0 or args.batch_window_ms < 0 or not 0 < args.port < 65536:
-        raise ValueError("--image-cache-size and --batch-window-ms must be >= 0, --port in 1..65535")
+        raise UsageError("--image-cache-size and --batch-window-ms must be >= 0, --port in 1..65535")
     if min(args.max_body_mb, args.remote_image_max_mb, args.remote_image_timeout) <= 0:
-        raise ValueError("--max-body-mb, --remote-image-max-mb and --remote-image-timeout must be > 0")
+        raise UsageError("--max-body-mb, --remote-image-max-mb and --remote-image-timeout must be > 0")
     try:
         import uvicorn
 
         from .app import ServerSettings, create_app
     except ImportError as err:
-        raise ValueError(f"paligemma serve needs FastAPI and uvicorn ({err}): pip install 'paligemma[serve]'") from None
-    from ..hub import resolve_checkpoint
-    from ..processor import load_processor
-    from ..vqvae import load_mask_codec
-    from ..loading import load_model
+        raise UsageError(f"paligemma serve needs FastAPI and uvicorn ({err}): pip install 'paligemma[serve]'") from None
     from .batcher import BatchEngine
     from .image_sources import FetchLimits
     from .schemas import RequestLimits
@@ -87,18 +77,10 @@ def run(args: argparse.Namespace) -> int:
     if not api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    device = _device(args.device)
-    if args.model is None and not (DEMO_MODEL_DIR / "config.json").is_file():
-        raise ValueError(f"no --model given and the bundled demo model is not installed ({DEMO_MODEL_DIR}); pass "
-                         "--model with a checkpoint directory or Hub repo id")
-    directory = resolve_checkpoint(args.model or DEMO_MODEL_DIR)
-    codec_path = args.mask_codec or directory / MASK_CODEC_FILE
-    if args.mask_codec and not os.path.isfile(args.mask_codec):
-        raise ValueError(f"--mask-codec {args.mask_codec} does not exist")
-    mask_codec = load_mask_codec(codec_path) if os.path.isfile(codec_path) else None
-    processor = load_processor(directory, max_pixels=args.max_image_pixels)
-    model = load_model(directory, dtype=_DTYPES.get(args.dtype), device=device, quantize=args.quantize,
-                       optimize=not args.no_optimize).eval()
+    directory = checkpoint_dir(args.model)
+    model, processor, mask_codec = load(directory, args.dtype, args.device, optimize=not args.no_optimize,
+                                        quantize=args.quantize, mask_codec=args.mask_codec,
+                                        max_pixels=args.max_image_pixels)
 
     engine = BatchEngine(model, processor, max_batch_size=args.max_batch_size,
                          image_cache_size=args.image_cache_size, batch_window_s=args.batch_window_ms / 1000,

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
+from ..errors import PaliGemmaError
+
 MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
 
 
-class ImageSourceError(ValueError):
+class ImageSourceError(PaliGemmaError, ValueError):
     """The image URL is unusable; `code` is a short machine-readable reason."""
 
     def __init__(self, message: str, code: str = "invalid_image_url"):

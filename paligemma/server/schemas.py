@@ -198,6 +198,6 @@ def _stop(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
             or any(not isinstance(s, str) or not s for s in stops)):
-        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty "
-                       "strings", "stop")
+        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
+                       "non-empty strings", "stop")
     return stops
