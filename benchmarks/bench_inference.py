@@ -1,6 +1,6 @@
 """Inference benchmark: ours vs transformers' PaliGemmaForConditionalGeneration on the same CPU and files.
 
-    python benchmarks/bench_inference.py --models pg1 --dtypes bf16 --repeats 2 --threads 1
+    python benchmarks/bench_inference.py --models pg1 --dtypes bf16 --repeats 2 --threads 2,1 [--isa avx2]
 
 Writes full-size random-weight checkpoints (bf16 safetensors, sharded) once into benchmarks/cache/,
 then runs every measurement in a fresh worker process, alternating ours and transformers (A B A B)
@@ -15,6 +15,12 @@ Measured per (model, dtype, implementation):
   cold start (s)     new process: imports, load, encode, prefill, one token
 and, for batch-1 decode, the bytes streamed per token divided by the machine's streaming bandwidth
 (a 1 GiB tensor sum measured in the same run): the "fraction of the physical limit".
+
+`--isa avx512bf16|avx2|none` caps this project's kernels (PALIGEMMA_ISA) in every worker; `--isa avx2`
+also makes both implementations' torch (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA) and MKL
+(MKL_ENABLE_INSTRUCTIONS) run their AVX2 code, so that an AVX-512 machine measures both sides as an
+AVX2-only CPU would run them. `--threads 2,1` repeats everything per thread count, one table each.
+`--reference-fp32` adds transformers in float32 (what a user without fast bf16 might pick instead).
 
 Random weights give random tokens, which is all a timing needs. Never imported by the tests.
 """
@@ -203,16 +209,12 @@ def _decode_bytes(model, vision: bool = False) -> int:
 
 
 def _has_quantized_head(model) -> bool:
-    head = getattr(model, "inference_head", None)
-    return head is not None and type(head).__name__ == "QuantizedLinear"
+    return type(getattr(model, "lm_head", None)).__name__ == "QuantizedLinear"
 
 
 def _module_tensors(module):
     yield from module.parameters(recurse=False)
-    yield from module.buffers(recurse=False)
-    extra = getattr(module, "inference_tensors", None)
-    if extra is not None:
-        yield from extra()
+    yield from module.buffers(recurse=False)  # our inference layers hold their weights as buffers
 
 
 # ---------------------------------------------------------------------- driver
@@ -231,6 +233,17 @@ def streaming_bandwidth(threads: int) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+# Environment that makes torch, oneDNN and MKL run as on a CPU of the level (an AVX-512 machine emulating AVX2).
+ISA_EMULATION = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                          "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def isa_environment(isa: str | None) -> dict:
+    if not isa:
+        return {}
+    return {"PALIGEMMA_ISA": isa, **ISA_EMULATION.get(isa, {})}
+
+
 def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--models", model, "--dtypes", dtype,
            "--threads", str(args.threads), "--inner", str(args.inner)]
@@ -240,7 +253,8 @@ def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None) ->
     if args.no_optimize:
         cmd.append("--no-optimize")
     env = dict(os.environ, BENCH_LAUNCH=repr(time.time()), OMP_NUM_THREADS=str(args.threads),
-               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **isa_environment(args.isa))
     # time.time() in both processes: the child's clock starts before its imports.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -259,7 +273,11 @@ def main(argv=None):
     parser.add_argument("--quantize", default="int8,int4", help="comma list of int8, int4 for ours (bf16 activations), or ''")
     parser.add_argument("--repeats", type=int, default=2, help="A B rounds per configuration (default 2)")
     parser.add_argument("--inner", type=int, default=2, help="timed repeats of encode/prefill inside a worker")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in every worker (default 1)")
+    parser.add_argument("--threads", default=str(os.cpu_count()),
+                        help="comma list of torch thread counts, one table each (default: all cores)")
+    parser.add_argument("--isa", choices=["avx512bf16", "avx2", "none"],
+                        help="cap our kernels at this level; avx2 also runs torch/oneDNN/MKL at AVX2 on both sides")
+    parser.add_argument("--reference-fp32", action="store_true", help="also measure transformers in float32")
     parser.add_argument("--batch8", default="", help="comma list of configurations that also measure batch-8 decode "
                         "(slow for transformers), e.g. bf16,int4; default none")
     parser.add_argument("--no-transformers", action="store_true", help="measure ours only")
@@ -270,6 +288,7 @@ def main(argv=None):
     parser.add_argument("--worker-batch8", dest="worker_batch8", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        args.threads = int(args.threads)
         args.impl, args.model, args.dtype = args.worker, args.models, args.dtypes
         args.quantize = args.quantize or None
         args.batch8 = args.worker_batch8
@@ -281,6 +300,22 @@ def main(argv=None):
         ensure_checkpoint(model)
     if args.prepare:
         return
+    results = {}
+    for threads in [int(t) for t in args.threads.split(",") if t]:
+        args.threads = threads
+        print(f"isa {args.isa or 'best'}, {threads} thread(s)", file=sys.stderr)
+        bandwidth, rows = measure(args, models)
+        print(f"\n### {threads} thread(s), ISA level {args.isa or 'best'}, streaming bandwidth {bandwidth:.1f} GB/s\n")
+        print(render(rows, bandwidth))
+        results[threads] = {"bandwidth_gbs": bandwidth, "rows": [[m, d, q, r] for m, d, q, r in rows]}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"isa": args.isa, "threads": results}, indent=1))
+
+
+def measure(args, models: list[str]):
+    """(streaming bandwidth, [(model, dtype, quant, {"ours": [...], "transformers": [...]})]) at args.threads."""
+    env = isa_environment(args.isa)
+    os.environ.update(env)  # the bandwidth probe runs here, as the workers will
     bandwidth = streaming_bandwidth(args.threads)
     print(f"streaming bandwidth ({args.threads} thread(s)): {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
@@ -296,11 +331,11 @@ def main(argv=None):
             runs = {"ours": [run_worker(args, "ours", model, "bf16", quant) for _ in range(args.repeats)],
                     "transformers": []}
             rows.append((model, "bf16", quant, runs))
-    table = render(rows, bandwidth)
-    print(table)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"bandwidth_gbs": bandwidth, "threads": args.threads,
-                                                   "rows": [[m, d, q, r] for m, d, q, r in rows]}, indent=1))
+        if args.reference_fp32 and not args.no_transformers:
+            runs = {"ours": [], "transformers": [run_worker(args, "transformers", model, "fp32", None)
+                                                 for _ in range(args.repeats)]}
+            rows.append((model, "fp32", "reference", runs))
+    return bandwidth, rows
 
 
 METRICS = [("load", "load s", False), ("peak_rss_gb", "peak RSS GiB", False), ("encode", "encode s", False),
@@ -327,7 +362,8 @@ def render(rows, bandwidth: float) -> str:
             if ours is None and ref is None:
                 continue
             ratio = f"{ours / ref:.2f}" if ours is not None and ref else ""
-            ref_label = f"{ref:.3g}" + (" (bf16)" if quant and ref is not None else "") if ref is not None else "-"
+            borrowed = " (bf16)" if quant and not runs["transformers"] else ""  # ours quantized vs their bf16
+            ref_label = f"{ref:.3g}{borrowed}" if ref is not None else "-"
             lines.append(f"| {model} | {dtype} | {quant or '-'} | {label} | "
                          f"{'-' if ours is None else f'{ours:.3g}'} | {ref_label} | {ratio} |")
         tok = _med(runs["ours"], "decode_b1")

@@ -73,16 +73,11 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
-        self.qkv = None  # q, k and v fused into one matrix by `optimize_for_inference`
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            kv_width = self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv(x).split([self.num_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -92,6 +87,11 @@ class GemmaAttention(nn.Module):
             k, v = cache.write(self.layer_idx, slots, k, v)  # now every filled slot: (B, KV, S, hd)
         out = attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> q (B, T, H*hd), k and v (B, T, KV*hd). A method of its own so that inference.py
+        can compute all three with one fused matrix."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -121,14 +121,14 @@ class GemmaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up = None  # gate and up fused into one matrix by `optimize_for_inference`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate, up = self.gate_and_up(x)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> two (B, T, intermediate); a method of its own so that inference.py can fuse them."""
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -1,178 +1,265 @@
-"""Inference-only layout of a loaded model: fused projections, prepacked or quantized matrices.
+"""Inference-only layout of a loaded model: fused projections, fast kernels, quantized matrices.
 
-`optimize_for_inference(model, quantize=None)` rewrites a model in place, once, after loading:
+`optimize_for_inference(model, quantize=None)` rewrites a loaded `PaliGemma` in place, once, the way
+gpt-fast swaps modules: the model classes (gemma.py, model.py) stay the textbook ones, and this
+module replaces some of their submodules with inference subclasses and layers:
 
-- q/k/v projections become one `qkv` matrix (one weight stream and kernel call instead of three
-  small ones) and gate/up one `gate_up` module per decoder layer;
-- in bf16 on a CPU with AVX512-BF16, the decoder's matrices and the tied LM head stay plain
-  row-major tensors and inputs of <= 8 rows (decode steps) go through the C++ kernel of kernels.py,
-  which streams them ~1.5-2x faster than `F.linear` (same result up to fp32 summation order); larger
-  inputs (prefill) use `F.linear`. gate and up stay two matrices there (two kernel calls): large
-  matrices stream as fast one by one, and the weights stay in the checkpoint's memory map
-  (weights.py) instead of being copied, which keeps resident memory at one copy of the weights;
-- otherwise (float32, or no kernel) the decoder's weights are concatenated and kept in oneDNN's
-  prepacked blocked layout, whose matmul runs ~1.1-1.3x faster than `F.linear` on a row-major
-  weight (measured on the benchmark CPU; within 1e-5 in float32). The vision tower is left as it is:
-  its large matmuls are compute-bound and packing it would copy 0.8 GB out of the memory map;
-- with `quantize="int8" | "int4"` the decoder's matrices and the LM head become `QuantizedLinear`
-  (see quantize.py). The vision tower stays in the model's dtype: it runs once per image and its
-  large-batch matmuls are compute-bound, where the 4-bit kernel is slower than bf16. The LM head
-  gets its own quantized copy of the tied embedding table (the lookup keeps the float table: one
-  row per token, never streamed), which costs that copy's memory but removes 21% (PaliGemma 1) of
-  the bytes each decode step reads. Each float weight's pages in the checkpoint's memory map are
-  handed back to the OS once it is quantized (weights.release_file_pages), so resident memory ends
-  near the quantized model's size instead of the float model's plus the quantized one's; the same
-  holds for the q/k/v weights copied into one fused matrix when not quantizing.
+- each decoder layer's attention becomes a `FusedAttention` whose q/k/v projections are one matrix
+  (one weight stream and kernel call instead of three small ones); gate/up are fused the same way
+  (`FusedMLP`) unless the decode kernel streams them as fast one by one, when they stay apart and
+  in the checkpoint's memory map instead of being copied;
+- every decoder matrix and the LM head become an `InferenceLinear` (or, with quantize="int8" |
+  "int4", a `QuantizedLinear` of quantize.py), which picks its arithmetic once, when built, from
+  the ISA level in force (kernels.py):
+  - inputs of <= 8 rows (decode steps) of a bf16 weight: the kernels' `gemv_bf16`, which streams
+    the weight ~1.5-2.5x faster than `F.linear` (same result up to float32 summation order);
+  - larger inputs (prefill) of a bf16 weight on a CPU without native bf16 arithmetic (AVX2 only,
+    ARM64, or capped by PALIGEMMA_ISA): blocks of weight rows widened to float32 into a reused
+    buffer and multiplied by torch's float32 GEMM, ~5x faster there than torch's bf16 GEMM (within
+    bf16 rounding of it: the products are exact, only the summation is finer). The weights stay
+    bf16 in memory. The vision tower and projector get the same treatment on such CPUs;
+  - float32 weights (and bf16 ones where bf16 is native but no kernel is) are kept in oneDNN's
+    prepacked blocked layout when oneDNN packs that dtype on this CPU (probed with a trial call),
+    whose GEMM runs ~1.1-1.3x faster than `F.linear` on a row-major weight (within 1e-5 in float32);
+- a tied LM head reads the embedding table in place (no copy); a quantized one gets its own
+  quantized copy (the lookup keeps the float table: one row per token, never streamed), which costs
+  that copy's memory but removes 21% (PaliGemma 1) of the bytes each decode step reads.
 
-Unquantized, the optimized model's `state_dict()` still yields the original HF-named, unfused
-tensors (so `save_pretrained` writes an ordinary checkpoint); it cannot be trained or loaded into.
+A weight copied into a new layout (fused, packed, quantized) has its pages in the checkpoint's
+memory map handed back to the OS (safetensors_io.release_file_pages), so resident memory ends near
+one copy of the weights.
+
+The inference tensors are registered non-persistent buffers: `named_buffers()` lists them and
+`.to(dtype)` converts them (a packed weight is unpacked, converted and repacked; quantized weights
+stay quantized and their outputs follow the input's dtype); moving a quantized model off the CPU
+raises before anything moves. Unquantized, `state_dict()` still yields the original HF-named,
+unfused tensors, so `save_pretrained` writes an ordinary checkpoint; the model cannot be trained or
+loaded into.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import MAX_ROWS, gemv_bf16
+from .gemma import GemmaAttention, GemmaMLP
+from .kernels import MAX_ROWS, matmul_by_row_blocks, native_bf16, ops
 from .quantize import QuantizedLinear, check_available
 from .safetensors_io import release_file_pages
 
 
-def _packing_available(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can prepack a `dtype` weight on this CPU (bf16 needs AVX512-BF16 or AVX-NE-CONVERT)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 16, dtype=dtype), packed, None, "none", [], "")
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
-def _small_rows(x: torch.Tensor) -> bool:
-    return x.numel() <= MAX_ROWS * x.shape[-1]
+class InferenceLinear(nn.Module):
+    """x @ W^T (+ b) for inference, over one weight or several fused by rows (see the module docstring).
 
-
-class FastLinear(nn.Module):
-    """Linear layer(s) for inference: the decode kernel on a plain bf16 weight, else a prepacked weight.
-
-    `parts` [(name, linear)] are the original projections, concatenated along the output dimension
-    and named relative to the parent module; the state dict is written under those names.
+    `tied`: the weight is owned by another module (the embedding table of a tied LM head): it is read
+    in place and left out of the state dict.
     """
 
-    def __init__(self, parts: list[tuple[str, nn.Linear]], pack: bool = True, concat: bool = True):
+    def __init__(self, weights: list[torch.Tensor], bias: torch.Tensor | None = None, pack: bool = True,
+                 tied: bool = False):
         super().__init__()
-        weights = [linear.weight.detach() for _, linear in parts]
-        biases = [linear.bias for _, linear in parts]
-        self.part_names = [name for name, _ in parts]
-        self.split_sizes = [w.shape[0] for w in weights]
-        self.in_features, self.out_features = weights[0].shape[1], sum(self.split_sizes)
-        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.kernel = gemv_bf16() if (weights[0].dtype == torch.bfloat16 and weights[0].device.type == "cpu"
-                                      and self.bias is None) else None
-        if self.kernel is not None and not concat:
-            # Kept apart (one kernel call each, outputs concatenated): large matrices stream as fast one by
-            # one, and the weights stay where loading put them (a memory map) instead of being copied.
-            self.weights = [w.contiguous() for w in weights]
-            self.packed = False
-            return
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.packed = pack and self.kernel is None and _packing_available(weight)
+        weight = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.tied = tied
+        self.saves_itself = len(weights) == 1 and not tied  # a fused layer is saved by its owner, part by part
+        on_cpu = weight.device.type == "cpu"
+        self.kernels = ops() if on_cpu and weight.dtype == torch.bfloat16 and bias is None else None
+        # bf16 without native bf16 arithmetic: multiply in float32, a block of weight rows at a time.
+        self.widen = on_cpu and weight.dtype == torch.bfloat16 and not native_bf16()
+        self.packed = pack and on_cpu and self.kernels is None and not self.widen and not tied and _packs(weight.dtype)
         # `_reorder_linear_weight` returns an opaque oneDNN tensor; `to_dense()` gives the weight back exactly.
-        self.weights = [torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight.contiguous()]
+        self.register_buffer("weight", self._pack(weight) if self.packed else weight.contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
-    def inference_tensors(self):
-        return self.weights + ([] if self.bias is None else [self.bias])
+    @staticmethod
+    def _pack(weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and _small_rows(x) and x.dtype == torch.bfloat16:
-            rows = x.reshape(-1, self.in_features)
-            out = [self.kernel(rows, w) for w in self.weights]
-            return (out[0] if len(out) == 1 else torch.cat(out, -1)).view(*x.shape[:-1], self.out_features)
+        if self.kernels is not None and x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * self.in_features:
+            return self.kernels.gemv_bf16(x.reshape(-1, self.in_features), self.weight).view(*x.shape[:-1], -1)
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weights[0], self.bias, "none", [], "")
-        if len(self.weights) == 1:
-            return F.linear(x, self.weights[0], self.bias)
-        return torch.cat([F.linear(x, w) for w in self.weights], -1)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.widen and x.dtype == torch.bfloat16:
+            return self._float32_matmul(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def _float32_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) bf16 @ the bf16 weight^T in float32 arithmetic -> (..., N) bf16."""
+        def widen_block(start: int, out: torch.Tensor) -> torch.Tensor:
+            return out.copy_(self.weight[start:start + out.shape[0]])
+        rows = x.reshape(-1, self.in_features).float()
+        y = matmul_by_row_blocks(rows, self.out_features, self.in_features, widen_block)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
-        if self.packed:
-            return self.weights[0].to_dense()
-        return self.weights[0] if len(self.weights) == 1 else torch.cat(self.weights)
+        """The (N, K) weight in row-major layout."""
+        return self.weight.to_dense() if self.packed else self.weight
+
+    def _apply(self, fn, recurse=True):
+        if self.packed:  # an opaque oneDNN tensor converts by way of its dense form
+            self.weight, self.packed = self.dense_weight(), False
+            super()._apply(fn, recurse)
+            self.packed = self.weight.device.type == "cpu" and _packs(self.weight.dtype)
+            if self.packed:
+                self.weight = self._pack(self.weight)
+            return self
+        return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        parent = prefix[:prefix.rstrip(".").rfind(".") + 1]  # "a.b.qkv." -> "a.b."
-        weights = self.dense_weight().split(self.split_sizes)
-        biases = self.bias.split(self.split_sizes) if self.bias is not None else [None] * len(weights)
-        for name, weight, bias in zip(self.part_names, weights, biases):
-            destination[f"{parent}{name}.weight"] = weight.clone()
-            if bias is not None:
-                destination[f"{parent}{name}.bias"] = bias.clone()
+        if self.saves_itself:
+            destination[prefix + "weight"] = self.dense_weight().clone()
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias.clone()
 
     def _load_from_state_dict(self, *args, **kwargs):
         raise RuntimeError("an inference-optimized model cannot be loaded into; load the checkpoint afresh")
 
     def extra_repr(self) -> str:
-        return f"parts={self.part_names}, in_features={self.in_features}, out_features={self.out_features}, " \
-               f"kernel={self.kernel is not None}, packed={self.packed}"
+        kernel = self.kernels.isa() if self.kernels is not None else "none"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernels={kernel}, " \
+               f"widen_to_float32={self.widen}, packed={self.packed}, tied={self.tied}"
 
 
-class TiedHead(nn.Module):
-    """The LM head over a weight owned elsewhere (the tied embedding): no copy, nothing in the state dict."""
+def _adopt(new: nn.Module, old: nn.Module) -> None:
+    """Give `new` (an instance of a subclass of old's class) old's plain attributes: sizes, flags."""
+    new.__dict__.update({name: value for name, value in vars(old).items() if not name.startswith("_")})
 
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = weight.detach()  # the owner's tensor, shared (a plain attribute, not a parameter)
-        self.kernel = gemv_bf16() if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and _small_rows(x) and x.dtype == torch.bfloat16:
-            return self.kernel(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight)
+def _split_state(fused: nn.Module, names: list[str], sizes: list[int], destination, prefix: str) -> None:
+    """Write a fused layer's weight under the HF names of the projections it fuses."""
+    if isinstance(fused, QuantizedLinear):
+        fused._save_to_state_dict(destination, prefix, False)  # raises: quantized models have no float state
+    for name, weight in zip(names, fused.dense_weight().split(sizes)):
+        destination[f"{prefix}{name}.weight"] = weight.clone()
 
-    def inference_tensors(self):
-        return []  # counted with its owner
+
+class FusedAttention(GemmaAttention):
+    """Gemma attention whose q, k and v projections are one matrix `qkv`."""
+
+    def __init__(self, attn: GemmaAttention, make_linear):
+        nn.Module.__init__(self)
+        _adopt(self, attn)
+        self.split_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.qkv = make_linear([("q_proj", attn.q_proj), ("k_proj", attn.k_proj), ("v_proj", attn.v_proj)])
+        self.o_proj = make_linear([("o_proj", attn.o_proj)])
+
+    def project_qkv(self, x: torch.Tensor):
+        return self.qkv(x).split(self.split_sizes, dim=-1)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        pass
+        _split_state(self.qkv, ["q_proj", "k_proj", "v_proj"], self.split_sizes, destination, prefix)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        raise RuntimeError("an inference-optimized model cannot be loaded into; load the checkpoint afresh")
 
 
-def _replace(owner: nn.Module, new_name: str, old_names: list[str], quantize: str | None, group_size: int | None,
-             pack: bool, concat: bool = True) -> None:
-    parts = [(name, getattr(owner, name)) for name in old_names]
-    if quantize:
-        weights = [linear.weight.detach() for _, linear in parts]  # fused while quantizing, not concatenated
-        module = QuantizedLinear(weights, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
-    else:
-        module = FastLinear(parts, pack, concat)
-    still_used = {t.data_ptr() for t in module.inference_tensors() if t.layout == torch.strided}
-    for _, linear in parts:  # a weight copied (fused, packed, quantized) is done with: its mapped pages
-        if linear.weight.data_ptr() not in still_used:  # leave resident memory
-            release_file_pages(linear.weight)
-    for name in old_names:
-        delattr(owner, name)  # drops the float weights as soon as the new module holds its copy
-    setattr(owner, new_name, module)
+class FusedMLP(GemmaMLP):
+    """GeGLU whose gate and up projections are one matrix `gate_up`."""
+
+    def __init__(self, mlp: GemmaMLP, make_linear):
+        nn.Module.__init__(self)
+        _adopt(self, mlp)
+        self.intermediate_size = mlp.gate_proj.out_features
+        self.gate_up = make_linear([("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj)])
+        self.down_proj = make_linear([("down_proj", mlp.down_proj)])
+
+    def gate_and_up(self, x: torch.Tensor):
+        return self.gate_up(x).chunk(2, dim=-1)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _split_state(self.gate_up, ["gate_proj", "up_proj"], [self.intermediate_size] * 2, destination, prefix)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        raise RuntimeError("an inference-optimized model cannot be loaded into; load the checkpoint afresh")
+
+
+def _linear_factory(quantize: str | None, group_size: int | None, pack: bool):
+    """make_linear([(hf_name, nn.Linear), ...]) -> the inference layer standing for those linears, fused."""
+    def make_linear(parts: list[tuple[str, nn.Linear]]) -> nn.Module:
+        weights = [linear.weight.detach() for _, linear in parts]
+        if quantize:
+            layer = QuantizedLinear(weights, quantize, group_size, [(n, lin.out_features) for n, lin in parts])
+        else:
+            bias = None if parts[0][1].bias is None else torch.cat([lin.bias.detach() for _, lin in parts])
+            layer = InferenceLinear(weights, bias, pack)
+        _release_copied(weights, layer)
+        return layer
+    return make_linear
+
+
+def _release_copied(weights: list[torch.Tensor], layer: nn.Module) -> None:
+    """A weight copied into the new layer (fused, packed, quantized) is done with: its mapped pages
+    leave resident memory (the caller drops the tensor itself)."""
+    still_used = {t.data_ptr() for t in layer.buffers() if t.layout == torch.strided}
+    for weight in weights:
+        if weight.data_ptr() not in still_used:
+            release_file_pages(weight)
+
+
+def is_optimized(model) -> bool:
+    return any(isinstance(module, (InferenceLinear, QuantizedLinear)) for module in model.modules())
 
 
 @torch.no_grad()
 def optimize_for_inference(model, quantize: str | None = None, group_size: int | None = None,
                            pack: bool = True):
     """Fuse, prepack and optionally quantize `model` (a loaded `PaliGemma`) in place; returns it in eval mode."""
-    if getattr(model, "inference_layout", None) is not None:
-        raise ValueError(f"model is already optimized for inference ({model.inference_layout})")
+    if is_optimized(model):
+        raise ValueError("model is already optimized for inference")
     if quantize is not None:
         check_available(quantize)
         if model.device.type != "cpu":
             raise ValueError(f"quantize={quantize!r} runs on CPU only; the model is on {model.device}")
     model.eval()
+    make_linear = _linear_factory(quantize, group_size, pack)
+    keep_gate_up_apart = quantize is None and model.dtype == torch.bfloat16 and ops() is not None
     for layer in model.language_model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        _replace(attn, "qkv", ["q_proj", "k_proj", "v_proj"], quantize, group_size, pack)
-        _replace(attn, "o_proj", ["o_proj"], quantize, group_size, pack)
-        _replace(mlp, "gate_up", ["gate_proj", "up_proj"], quantize, group_size, pack, concat=False)
-        _replace(mlp, "down_proj", ["down_proj"], quantize, group_size, pack)
-    head = model.lm_head.weight if hasattr(model, "lm_head") else model.language_model.embed_tokens.weight
-    if quantize is None:
-        model.inference_head = TiedHead(head)
-    else:
-        model.inference_head = QuantizedLinear(head.detach(), quantize, group_size, [("lm_head", head.shape[0])])
-        release_file_pages(head)  # a tied table stays the embedding lookup, which reads a few rows back in
-        if hasattr(model, "lm_head"):
-            del model.lm_head
-    model.inference_layout = f"quantized-{quantize}" if quantize else "optimized"
+        layer.self_attn = FusedAttention(layer.self_attn, make_linear)
+        if keep_gate_up_apart:
+            # Two kernel calls: large matrices stream as fast one by one, and the weights stay where loading
+            # put them (a memory map) instead of being copied.
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(layer.mlp, name, make_linear([(name, getattr(layer.mlp, name))]))
+        else:
+            layer.mlp = FusedMLP(layer.mlp, make_linear)
+    _replace_head(model, quantize, group_size)
+    if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not native_bf16():
+        _widen_vision(model)
     return model
+
+
+def _replace_head(model, quantize: str | None, group_size: int | None) -> None:
+    tied = not hasattr(model, "lm_head")
+    weight = model.language_model.embed_tokens.weight if tied else model.lm_head.weight
+    if quantize is None:
+        model.lm_head = InferenceLinear([weight], tied=tied)
+        return
+    model.lm_head = QuantizedLinear(weight.detach(), quantize, group_size, [("lm_head", weight.shape[0])])
+    release_file_pages(weight)  # a tied table stays the embedding lookup, which reads a few rows back in
+
+
+def _widen_vision(model) -> None:
+    """On a CPU without native bf16, the vision tower's and projector's bf16 linears multiply in float32."""
+    for owner in [model.multi_modal_projector, *model.vision_tower.modules()]:
+        for name, child in list(owner.named_children()):
+            if type(child) is nn.Linear:
+                setattr(owner, name, InferenceLinear([child.weight], child.bias, pack=False))

@@ -53,9 +53,6 @@ class PaliGemma(nn.Module):
         self.language_model = GemmaDecoder(config.text)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        # Set by `inference.optimize_for_inference`: a quantized LM head, and what was done to the layout.
-        self.inference_head: nn.Module | None = None
-        self.inference_layout: str | None = None
 
     # ------------------------------------------------------------------ pieces
 
@@ -121,12 +118,13 @@ class PaliGemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (..., D) -> logits (..., V), soft-capped for Gemma 2."""
-        if self.inference_head is not None:
-            return soft_cap(self.inference_head(hidden), self.config.text.final_logit_softcapping)
-        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.language_model.embed_tokens.weight
-        return soft_cap(F.linear(hidden, weight), self.config.text.final_logit_softcapping)
+        if hasattr(self, "lm_head"):
+            logits = self.lm_head(hidden)
+        else:  # tied: the embedding table is the output matrix
+            logits = F.linear(hidden, self.language_model.embed_tokens.weight)
+        return soft_cap(logits, self.config.text.final_logit_softcapping)
 
-    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, is_prefix: torch.Tensor,
+    def run_decoder(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, is_prefix: torch.Tensor,
                cache: KVCache | None = None) -> torch.Tensor:
         """Run the decoder on (B, T, D) embeddings; with a cache, they go in the next T slots."""
         dtype = embeds.dtype
@@ -170,7 +168,7 @@ class PaliGemma(nn.Module):
         is_prefix = (token_type_ids == 0) & valid
         # HF counts positions from 1 (big_vision from 0): RoPE is relative, but matching keeps rounding equal.
         positions = attention_mask.long().cumsum(-1) if position_ids is None else position_ids
-        hidden = self.decode(embeds, positions, valid, is_prefix)
+        hidden = self.run_decoder(embeds, positions, valid, is_prefix)
         logits = self.logits(hidden)
         loss = None if labels is None else next_token_loss(logits, labels)
         return PaliGemmaOutput(logits=logits, loss=loss)
@@ -191,7 +189,7 @@ class PaliGemma(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         valid = attention_mask.bool()
         embeds = self.embed(input_ids, image_features)
-        hidden = self.decode(embeds, attention_mask.long().cumsum(-1), valid, (token_type_ids == 0) & valid, cache)
+        hidden = self.run_decoder(embeds, attention_mask.long().cumsum(-1), valid, (token_type_ids == 0) & valid, cache)
         return self.logits(hidden[:, -1])
 
     @torch.no_grad()
@@ -199,7 +197,7 @@ class PaliGemma(nn.Module):
         """One new suffix token per row, tokens (B,) at RoPE positions (B,); returns logits (B, V)."""
         embeds = self.embed_text(tokens[:, None])  # a sampled <image> id is just a token here, as in transformers
         ones = torch.ones_like(tokens[:, None], dtype=torch.bool)
-        hidden = self.decode(embeds, positions[:, None], ones, ~ones, cache)
+        hidden = self.run_decoder(embeds, positions[:, None], ones, ~ones, cache)
         return self.logits(hidden[:, 0])
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -209,9 +207,6 @@ class PaliGemma(nn.Module):
 
     def save_pretrained(self, directory, max_shard_bytes: int = 5 * 1024**3) -> None:
         """Write config.json and safetensors (HF hub layout) loadable by `load_model` and transformers."""
-        if self.inference_layout is not None and self.inference_layout.startswith("quantized"):
-            raise ValueError("a quantized model cannot be saved: quantization is a load-time transform; "
-                             "save the original checkpoint and pass quantize= when loading it")
         save_model(self, directory, max_shard_bytes=max_shard_bytes)
 
 

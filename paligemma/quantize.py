@@ -3,35 +3,36 @@
     QuantizedLinear(weight (N, K), "int8", group_size=256)(x (..., K)) -> (..., N)
 
 - int8: symmetric per group of `group_size` input channels, scale = max|w| / 127, q in -127..127,
-  stored row-major as int8 (N, K) with float32 scales (N, K/g): 1 byte/weight. Inputs of <= 8 rows
-  (decode steps) go through `gemv_int8` of kernels.py, which widens the weights to bf16 in registers
-  and streams ~2x the weights per second of bf16; larger inputs (prefill) are multiplied by blocks
-  of rows dequantized to bf16 (`bf16(q * scale)`) with `F.linear`, at bf16 speed.
-- int4: asymmetric per group (min/max -> scale, zero), 0.5 byte/weight, in torch's packed 4-bit layout.
-  Decode steps run torch's kernel `aten._weight_int4pack_mm_for_cpu`, which dequantizes
-  (q - 8) * scale + zero, q in 0..15; larger inputs (prefill) are multiplied by blocks of rows
-  dequantized to bf16 by `dequantize_int4` of kernels.py (same values), as for int8.
-  Scales and zeros are rounded to bf16 before the weights are quantized against them, so
-  dequantization matches what the kernel computes.
+  stored row-major as int8 (N, K) with float32 scales (N, K/g): 1 byte/weight.
+- int4: asymmetric per group (min/max -> scale, zero), a weight is (q - 8) * scale + zero with q in
+  0..15, 0.5 byte/weight. Scales and zeros are rounded to bf16 before the weights are quantized
+  against them, so dequantization matches what the kernels compute. With this project's kernels the
+  nibbles are packed in 64-row blocks (`pack_int4`, the layout torch's AVX-512 int4 packer also
+  writes); without them, in whatever layout torch's own int4 kernel wants on this CPU.
 
-Activations are cast to bf16 for the kernels (int4's float32 path is ~30x slower) and the result back
-to the input dtype. Without the compiled kernels (no compiler, no AVX512-BF16), int8 falls back to
-dequantizing with torch ops, which gives the same numbers slower, and int4 uses torch's kernel for
-every input. A quantized layer cannot be saved back to a checkpoint: quantization is a load-time
-transform of a float checkpoint.
+Which code multiplies is chosen when the layer is built, by the ISA level in force (kernels.py):
+- inputs of <= 8 rows (decode steps): the kernels' `gemv_int8` / `gemv_int4`, which stream the
+  compact weights once and widen them in registers; without kernels, torch's int4 kernel
+  (`aten._weight_int4pack_mm_for_cpu`) and, for int8, the prefill path below;
+- larger inputs (prefill): blocks of weight rows dequantized into a reused buffer and multiplied with
+  torch's GEMM, in bf16 where this CPU multiplies bf16 natively and in float32 elsewhere (torch's bf16
+  GEMM is several times slower than its float32 one without AVX512-BF16).
+
+Activations go to the kernels as bf16 and the result comes back in the input's dtype. The quantized
+tensors are registered (non-persistent) buffers: casting the model's dtype leaves them as they are,
+moving it off the CPU raises. A quantized layer cannot be saved to a checkpoint: quantization is a
+load-time transform of a float checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import PaliGemmaError
-from .kernels import MAX_ROWS, dequantize_int4, dequantize_int8, gemv_int8, quantize_int8 as quantize_int8_kernel
+from .kernels import MAX_ROWS, level, matmul_by_row_blocks, native_bf16, ops
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -43,19 +44,21 @@ class QuantizationError(PaliGemmaError, RuntimeError):
 
 
 def check_available(mode: str) -> None:
-    """Raise QuantizationError if `mode` cannot run here (int4 needs torch's packed 4-bit CPU kernels)."""
+    """Raise QuantizationError if `mode` cannot run here (int4 needs this project's kernels or torch's
+    packed 4-bit CPU kernels)."""
     if mode not in MODES:
         raise QuantizationError(f"quantize must be one of {MODES} or None, got {mode!r}")
-    if mode == "int8":
-        return  # the compiled kernel when there is one, torch ops otherwise
+    if mode == "int8" or ops() is not None:
+        return  # int8: the compiled kernels when there are some, torch ops otherwise
     try:
         q = torch.zeros(16, 64, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, 64, dtype=torch.bfloat16), packed, 32,
                                                     torch.zeros(2, 16, 2, dtype=torch.bfloat16))
     except (AttributeError, RuntimeError, NotImplementedError) as err:
-        raise QuantizationError(f"weight-only quantization needs torch's packed int4 CPU kernels "
-                                f"(aten._weight_int4pack_mm_for_cpu), unavailable here: {err}") from None
+        raise QuantizationError(f"int4 needs this project's kernels (unavailable at ISA level {level()!r}) or "
+                                f"torch's packed int4 CPU kernels (aten._weight_int4pack_mm_for_cpu), unavailable "
+                                f"here: {err}") from None
 
 
 def choose_group_size(in_features: int, mode: str, group_size: int | None = None) -> int:
@@ -70,21 +73,17 @@ def choose_group_size(in_features: int, mode: str, group_size: int | None = None
                             f"it must be a multiple of {min(GROUP_SIZES)}")
 
 
-def _pack(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 integers 0..15 -> torch's packed int4 CPU layout (N, K/2) uint8."""
-    if q.shape[0] % 64 == 0 and _packs_like_torch():
-        return _pack_64_row_blocks(q)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+# ---------------------------------------------------------------------- int4 packing
+
+_PACK_COLUMNS = 1024  # input columns per step of pack_int4: keeps its transposing copy in cache
 
 
-_PACK_COLUMNS = 1024  # input columns per step of _pack_64_row_blocks: keeps its transposing copy in cache
-
-
-def _pack_64_row_blocks(q: torch.Tensor) -> torch.Tensor:
-    """The layout torch's AVX-512 int4 packer writes, with tensor ops (~5x faster than that packer).
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 integers 0..15, N a multiple of 64 -> the kernels' packed layout (N, K/2) uint8.
 
     Rows go in blocks of 64, seen as four lanes of 16 rows; for each input column k a block stores
-    32 bytes: (lane 2 << 4 | lane 0) for its 16 rows, then (lane 3 << 4 | lane 1).
+    32 bytes: (lane 2 << 4 | lane 0) for its 16 rows, then (lane 3 << 4 | lane 1). Torch's AVX-512 int4
+    packer writes the same bytes (tested); this is ~5x faster than it and the same on every CPU.
     """
     n, k = q.shape
     lanes = q.view(n // 64, 4, 16, k)
@@ -96,26 +95,35 @@ def _pack_64_row_blocks(q: torch.Tensor) -> torch.Tensor:
     return out.view(n, k // 2)
 
 
+def pack_int4_for_torch(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 0..15, N a multiple of 16 -> the layout torch's int4 kernel reads on this CPU."""
+    if q.shape[0] % 64 == 0 and _packs_like_torch():
+        return pack_int4(q)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
 @functools.cache
 def _packs_like_torch() -> bool:
-    """Whether torch's int4 packer writes `_pack_64_row_blocks`'s layout here (its AVX-512 build does;
-    its AVX2 and plain builds use others, and then `_pack` calls torch's packer)."""
+    """Whether torch's int4 packer writes `pack_int4`'s layout here (its AVX-512 build does; its AVX2 and
+    plain builds use others)."""
     probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     try:
         expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
     except (RuntimeError, AttributeError):
         return False
-    return torch.equal(expected, _pack_64_row_blocks(probe))
+    return torch.equal(expected, pack_int4(probe))
 
 
 def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Per-group (N, K/g) scale and zero -> the kernel's (K/g, N, 2) bf16 tensor."""
+    """Per-group (N, K/g) scale and zero -> the kernels' (K/g, N, 2) bf16 tensor."""
     return torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
+# ---------------------------------------------------------------------- quantizing matrices
+
 # Rows are quantized in blocks small enough to stay in cache (10x faster than whole matrices, and no
-# float32 copy of a 0.5 G-entry LM head). The packed int4 layout is blocked by 64 rows, so blocks of a
-# multiple of 64 rows pack to the same bytes as the whole matrix (tested).
+# float32 copy of a 0.5 G-entry LM head). The packed int4 layouts are blocked by at most 64 rows, so
+# blocks of a multiple of 64 rows pack to the same bytes as the whole matrix (tested).
 _ROW_BLOCK = 256
 
 Weights = torch.Tensor | list[torch.Tensor]  # one (N, K) matrix, or matrices (N_i, K) stacked by rows
@@ -153,7 +161,7 @@ def _by_row_blocks(parts: list[torch.Tensor], group_size: int, quantize_block, o
     return tuple(outputs)
 
 
-def _int4_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _int4_block(w: torch.Tensor, group_size: int, pack) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize float32 rows w (n, K), overwriting w."""
     n, k = w.shape
     w = w.view(n, k // group_size, group_size)
@@ -161,7 +169,7 @@ def _int4_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     scale = ((high - low) / 15).clamp_(min=1e-8).bfloat16().float()
     zero = (low + 8 * scale).bfloat16().float()  # the value that q = 8 stands for
     q = w.sub_(zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15)
-    return _pack(q.view(n, k).to(torch.uint8)), _scales_zeros(scale, zero)
+    return pack(q.view(n, k).to(torch.uint8)), _scales_zeros(scale, zero)
 
 
 def _int8_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,51 +180,40 @@ def _int8_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return q.view(n, k), scale
 
 
-def quantize_int4(weight: Weights, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit, per group: returns (packed (N, K/2) uint8, scales_zeros (K/g, N, 2) bf16)."""
+def quantize_int4(weight: Weights, group_size: int, pack=pack_int4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit, per group: returns (packed (N, K/2) uint8, scales_zeros (K/g, N, 2) bf16).
+    `pack` is `pack_int4` (the kernels' layout) or `pack_int4_for_torch`."""
     parts, n, k = _stacked_rows(weight)
     outputs = [torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)]
-    return _by_row_blocks(parts, group_size, _int4_block, outputs, [0, 1])
+    return _by_row_blocks(parts, group_size, functools.partial(_int4_block, pack=pack), outputs, [0, 1])
 
 
-def quantize_int8(weight: Weights, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit, per group: returns (q (N, K) int8, scales (N, K/g) float32)."""
+def quantize_int8(weight: Weights, group_size: int, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit, per group: returns (q (N, K) int8, scales (N, K/g) float32). `kernels` (an
+    `ops()` module) does the same arithmetic ~10x faster than the torch ops."""
     parts, n, k = _stacked_rows(weight)
     outputs = [torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // group_size, dtype=torch.float32)]
-    kernel = quantize_int8_kernel()
-    if kernel is None or any(p.device.type != "cpu" or p.dtype not in (torch.bfloat16, torch.float32) for p in parts):
+    if kernels is None or any(p.device.type != "cpu" or p.dtype not in (torch.bfloat16, torch.float32) for p in parts):
         return _by_row_blocks(parts, group_size, _int8_block, outputs, [0, 0])
     offset = 0
-    for part in parts:  # the same arithmetic as _int8_block (tested), ~10x faster
+    for part in parts:  # the same arithmetic as _int8_block (tested)
         rows = slice(offset, offset + part.shape[0])
-        kernel(part.contiguous(), outputs[0][rows], outputs[1][rows])
+        kernels.quantize_int8(part.contiguous(), outputs[0][rows], outputs[1][rows])
         offset += part.shape[0]
     return tuple(outputs)
 
 
-def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (n, K) bf16 = bf16(q * scale) for int8 rows q (n, K) and their scales (n, K/g)."""
-    kernel = dequantize_int8()
-    if kernel is not None:
-        kernel(q, scales, out)
+def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, kernels=None) -> torch.Tensor:
+    """out (n, K) = q * scale (rounded to out's dtype, bf16 or float32) for int8 rows q (n, K), scales (n, K/g)."""
+    if kernels is not None:
+        kernels.dequantize_int8(q, scales, out)
     else:
         n, k = q.shape
         out.copy_(q.view(n, scales.shape[1], -1).float().mul_(scales[..., None]).view(n, k))
     return out
 
 
-# Prefill multiplies by int8 weights dequantized a block of rows at a time into a per-thread buffer of
-# about this many bytes (a fresh tensor per block would page-fault its way through new memory).
-_DEQUANT_BUFFER_BYTES = 4 << 20
-_scratch = threading.local()
-
-
-def _dequant_buffer(rows: int, in_features: int) -> torch.Tensor:
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < rows * in_features:
-        buffer = _scratch.buffer = torch.empty(rows * in_features, dtype=torch.bfloat16)
-    return buffer[:rows * in_features].view(rows, in_features)
-
+# ---------------------------------------------------------------------- the layer
 
 class QuantizedLinear(nn.Module):
     """A bias-free linear layer with int8 or int4 weights; inference only.
@@ -235,72 +232,65 @@ class QuantizedLinear(nn.Module):
         matrices, self.out_features, self.in_features = _stacked_rows(weight)
         self.group_size = choose_group_size(self.in_features, mode, group_size)
         self.parts = parts or []
+        self.kernels = ops()
+        self.compute_dtype = torch.bfloat16 if native_bf16() else torch.float32  # of prefill's GEMMs
         if mode == "int8":
-            self.qweight, self.scales = quantize_int8(matrices, self.group_size)
+            qweight, scales = quantize_int8(matrices, self.group_size, self.kernels)
+            self.register_buffer("qweight", qweight, persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
             return
-        rows = -self.out_features % 16  # the int4 kernel packs rows in blocks of 16: pad with zero rows
+        # The kernels' layout packs rows in blocks of 64, torch's in blocks of up to 64 (16 at least): pad
+        # with zero rows.
+        rows = -self.out_features % (64 if self.kernels is not None else 16)
         if rows:
             matrices = matrices + [matrices[0].new_zeros(rows, self.in_features)]
-        self.packed, self.scales_zeros = quantize_int4(matrices, self.group_size)
-
-    def inference_tensors(self):
-        """The tensors this layer holds (not parameters or buffers: they must never be trained or cast)."""
-        return [self.qweight, self.scales] if self.mode == "int8" else [self.packed, self.scales_zeros]
+        pack = pack_int4 if self.kernels is not None else pack_int4_for_torch
+        packed, scales_zeros = quantize_int4(matrices, self.group_size, pack)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels take no strides
-        if self.mode == "int4":
-            dequantize = self._int4_dequantizer() if x2.shape[0] > MAX_ROWS else None
-            if dequantize is not None:
-                y = self._dequantized_matmul_int4(x2, dequantize)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
-            y = y[:, :self.out_features]
-        elif x2.shape[0] <= MAX_ROWS and gemv_int8() is not None:
-            y = gemv_int8()(x2, self.qweight, self.scales)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= MAX_ROWS and self.kernels is not None:
+            x_bf16 = rows.to(torch.bfloat16).contiguous()  # the kernels take no strides
+            y = (self.kernels.gemv_int8(x_bf16, self.qweight, self.scales) if self.mode == "int8"
+                 else self.kernels.gemv_int4(x_bf16, self.packed, self.scales_zeros))
+        elif self.mode == "int4" and self.kernels is None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), self.packed,
+                                                           self.group_size, self.scales_zeros)
         else:
-            y = self._dequantized_matmul(x2)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            y = matmul_by_row_blocks(rows.to(self.compute_dtype).contiguous(), self._stored_rows(), self.in_features,
+                                     self._dequantize_block, transposed=self.mode == "int4")
+        return y[:, :self.out_features].to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def _dequantized_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (M, K) bf16 @ dequantized weight^T, a block of weight rows at a time -> (M, N) bf16."""
-        block = max(64, _DEQUANT_BUFFER_BYTES // (2 * self.in_features))
-        out = x2.new_empty(x2.shape[0], self.out_features)
-        for start in range(0, self.out_features, block):
-            rows = slice(start, min(start + block, self.out_features))
-            weight = _dequant_buffer(rows.stop - start, self.in_features)
-            out[:, rows] = F.linear(x2, dequantize_int8_rows(self.qweight[rows], self.scales[rows], weight))
+    def _stored_rows(self) -> int:
+        return self.qweight.shape[0] if self.mode == "int8" else self.packed.shape[0]  # int4: padded
+
+    def _dequantize_block(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Weight rows start.. dequantized into `out`: (rows, K) for int8, transposed (K, rows) for int4."""
+        if self.mode == "int8":
+            rows = slice(start, start + out.shape[0])
+            return dequantize_int8_rows(self.qweight[rows], self.scales[rows], out, self.kernels)
+        self.kernels.dequantize_int4(self.packed, self.scales_zeros, start, out)
         return out
 
-    def _int4_dequantizer(self):
-        """The compiled int4 dequantizer if it reads this layer's packed layout (whole 64-row blocks), else None."""
-        kernel = dequantize_int4()
-        return kernel if kernel is not None and self.packed.shape[0] % 64 == 0 and _packs_like_torch() else None
-
-    def _dequantized_matmul_int4(self, x2: torch.Tensor, dequantize) -> torch.Tensor:
-        """x2 (M, K) bf16 @ the int4 weight^T, dequantizing blocks of 64-row multiples into a transposed
-        (K, rows) bf16 buffer -> (M, padded N) bf16. torch's int4 kernel dequantizes the weight again for
-        every 4 input rows; this dequantizes it once (~0.1 ns/weight), then multiplies at bf16 speed."""
-        n = self.packed.shape[0]
-        block = max(64, _DEQUANT_BUFFER_BYTES // (2 * self.in_features) // 64 * 64)
-        out = x2.new_empty(x2.shape[0], n)
-        for start in range(0, n, block):
-            rows = min(block, n - start)
-            weight_t = _dequant_buffer(self.in_features, rows)  # (K, rows)
-            dequantize(self.packed, self.scales_zeros, start, weight_t)
-            out[:, start:start + rows] = x2 @ weight_t
-        return out
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """(N, K) float32 weight as the kernel sees it (computed by multiplying the identity: slow, for tests)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return self.forward(eye).float().t().contiguous()
+    def _apply(self, fn, recurse=True):
+        # Casting the model (model.float(), .to(torch.bfloat16)) leaves the quantized weights as they are:
+        # outputs follow the input's dtype. Moving them off the CPU is refused before anything moves here.
+        if fn(torch.empty(0)).device.type != "cpu":
+            raise QuantizationError("quantized layers run on the CPU only: load the model without quantize= "
+                                    "to move it to another device")
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise RuntimeError("a quantized model has no float state dict: quantization is a load-time transform; "
                            "save (or fine-tune) the original checkpoint and quantize it when loading")
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        raise RuntimeError("an inference-optimized model cannot be loaded into; load the checkpoint afresh")
+
     def extra_repr(self) -> str:
+        isa = self.kernels.isa() if self.kernels is not None else "none"
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, " \
-               f"group_size={self.group_size}"
+               f"group_size={self.group_size}, kernels={isa}, compute={self.compute_dtype}"
