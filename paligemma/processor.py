@@ -37,9 +37,8 @@ from .config import ConfigError, PaliGemmaConfig
 from .errors import UsageError
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, ImageInput, ImageProcessor
+from .model import IGNORE_INDEX
 from .tokenizer import IMAGE_TOKEN, Tokenizer, TokenizerError
-
-IGNORE_INDEX = -100
 
 
 class ProcessorOutput(dict):

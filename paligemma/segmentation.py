@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .tasks import _TOKEN_RE, _check_size, encode_box, leading_tokens, parse_loc_box, split_objects
+from .tasks import TOKEN_RE, check_image_size, check_label, encode_box, leading_tokens, parse_loc_box, split_objects
 from .vqvae import MASK_SIZE, NUM_TOKENS, MaskCodec
 
 
@@ -55,7 +55,7 @@ def parse_segmentations(answer: str, image_size: tuple[int, int], codec: MaskCod
     A blank answer gives no objects and no errors; each malformed object is left out of `objects` and
     reported in `errors`, the others kept. All masks are decoded in one batch by `codec`.
     """
-    _check_size(image_size)
+    check_image_size(image_size)
     result = SegmentationResult()
     parsed: list[tuple[str, list[float], list[int]]] = []
     for segment in split_objects(answer):
@@ -77,9 +77,9 @@ def _parse_object(segment: str, image_size: tuple[int, int], num_codes: int) -> 
         raise ValueError("empty object (stray ';')")
     tokens, label = leading_tokens(segment)
     if not tokens:
-        raise ValueError("text before the location tokens" if _TOKEN_RE.search(segment)
+        raise ValueError("text before the location tokens" if TOKEN_RE.search(segment)
                          else "text without location or segmentation tokens")
-    if _TOKEN_RE.search(label):
+    if TOKEN_RE.search(label):
         raise ValueError("location or segmentation tokens inside the label")
     kinds = [kind for kind, _ in tokens]
     locs = [v for kind, v in tokens if kind == "loc"]
@@ -137,12 +137,10 @@ def format_segmentations(objects: Iterable[tuple[str, Sequence[float], np.ndarra
     """The segment answer for (label, [x0, y0, x1, y1], image-sized bool mask) triples: box tokens, the
     codes `codec` encodes the in-box mask to, label. The inverse of `parse_segmentations` up to the
     codec's reconstruction error."""
-    _check_size(image_size)
+    check_image_size(image_size)
     objects = list(objects)
     for label, _, mask in objects:
-        if ";" in label or _TOKEN_RE.search(label) or label != label.strip():
-            raise ValueError(f"label {label!r} would not parse back: no ';', no <loc>/<seg> tokens, "
-                             "no leading or trailing spaces")
+        check_label(label)
         if np.shape(mask) != (image_size[1], image_size[0]):
             raise ValueError(f"mask shape {np.shape(mask)} is not (height, width) = {image_size[::-1]}")
     if not objects:

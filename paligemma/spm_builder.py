@@ -26,9 +26,10 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(1024))
-SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(128))
-IMAGE_TOKEN = "<image>"
+from .tokenizer import IMAGE_TOKEN, NUM_LOC_TOKENS, NUM_SEG_TOKENS
+
+LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(NUM_LOC_TOKENS))
+SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(NUM_SEG_TOKENS))
 
 # SentencePiece's ModelProto.SentencePiece.Type enum value for user-defined pieces.
 _USER_DEFINED = 4

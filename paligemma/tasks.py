@@ -14,9 +14,11 @@ trained with, so encode -> decode is exact up to rounding (and 1023 maps back to
 the /1024 reading shrinks every box towards the top-left by up to 0.1% of the image.
 
 Answers are parsed strictly: a segment that is not exactly "4 loc tokens + label" is reported in
-`DetectionResult.errors` with its text, never repaired or silently dropped. The token-level helpers
-(`_LOC_RE`, `_SEG_RE`, `split_objects`, `leading_tokens`, `parse_loc_box`) are shared with the
-`segment` answer format (4 loc tokens, 16 seg tokens, label).
+`DetectionResult.errors` with its text, never repaired or silently dropped.
+
+This module is the one home of the answer grammar: the token-level helpers (`TOKEN_RE`,
+`split_objects`, `leading_tokens`, `parse_loc_box`, `encode_box`, `check_label`, `check_image_size`)
+are what `segmentation.py` builds the `segment` answer format (4 loc tokens, 16 seg tokens, label) on.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
-NUM_LOC_BINS = 1024  # <loc0000> .. <loc1023>
-_LOC_SCALE = NUM_LOC_BINS - 1  # big_vision's x1023 / /1023 (see module docstring)
+from .tokenizer import NUM_LOC_TOKENS
+
+_LOC_SCALE = NUM_LOC_TOKENS - 1  # big_vision's x1023 / /1023 (see module docstring)
 
 # Any digits, so that malformed values (<loc1500>, <loc12>) are seen and reported, not taken as text.
 _LOC_RE = re.compile(r"<loc(\d+)>")
 _SEG_RE = re.compile(r"<seg(\d+)>")
-_TOKEN_RE = re.compile(r"<(loc|seg)(\d+)>")
+TOKEN_RE = re.compile(r"<(loc|seg)(\d+)>")  # a <loc>/<seg> token: groups (kind, digits)
 _SEPARATOR_RE = re.compile(r"\s*;\s*")
 
 
@@ -67,7 +70,7 @@ def leading_tokens(segment: str) -> tuple[list[tuple[str, int]], str]:
     """Split a segment into its leading <loc>/<seg> tokens [(kind, value)] and the rest (the label), stripped."""
     tokens = []
     position = 0
-    while match := _TOKEN_RE.match(segment, position):
+    while match := TOKEN_RE.match(segment, position):
         tokens.append((match.group(1), int(match.group(2))))
         position = match.end()
     return tokens, segment[position:].strip()
@@ -80,8 +83,8 @@ def parse_loc_box(values: Sequence[int], image_size: tuple[int, int]) -> list[fl
     """
     if len(values) != 4:
         raise ValueError(f"expected 4 location tokens, found {len(values)}")
-    if any(not 0 <= v < NUM_LOC_BINS for v in values):
-        raise ValueError(f"location values must be 0..{NUM_LOC_BINS - 1}, got {list(values)}")
+    if any(not 0 <= v < NUM_LOC_TOKENS for v in values):
+        raise ValueError(f"location values must be 0..{NUM_LOC_TOKENS - 1}, got {list(values)}")
     y0, x0, y1, x1 = values
     if y0 > y1 or x0 > x1:
         raise ValueError(f"box has min > max (y_min={y0}, x_min={x0}, y_max={y1}, x_max={x1})")
@@ -98,7 +101,7 @@ def parse_detections(answer: str, image_size: tuple[int, int]) -> DetectionResul
     is left out of `objects` and reported in `errors` with its text; the other objects are kept.
     A segment without a label ("<loc..>x4") is kept with label "".
     """
-    _check_size(image_size)
+    check_image_size(image_size)
     result = DetectionResult()
     for segment in split_objects(answer):
         problem = _detection_problem(segment)
@@ -136,7 +139,7 @@ def encode_box(box_xyxy: Sequence[float], image_size: tuple[int, int]) -> str:
     Each value is round(coord / size * 1023) (Python's round: half to even, like big_vision's
     tf.round). Coordinates outside the image or a min above its max raise ValueError.
     """
-    _check_size(image_size)
+    check_image_size(image_size)
     if len(box_xyxy) != 4:
         raise ValueError(f"a box is [x0, y0, x1, y1], got {list(box_xyxy)}")
     x0, y0, x1, y1 = (float(v) for v in box_xyxy)
@@ -152,13 +155,20 @@ def format_detections(detections: Iterable[tuple[str, Sequence[float]]], image_s
     """The detect answer for (label, [x0, y0, x1, y1]) pairs (or `Detection`s): the inverse of parse_detections."""
     segments = []
     for label, box in detections:
-        if ";" in label or _TOKEN_RE.search(label) or label != label.strip():
-            raise ValueError(f"label {label!r} would not parse back: no ';', no <loc>/<seg> tokens, "
-                             "no leading or trailing spaces")
+        check_label(label)
         segments.append(f"{encode_box(box, image_size)} {label}".rstrip())
     return " ; ".join(segments)
 
 
-def _check_size(image_size: tuple[int, int]) -> None:
+def check_label(label: str) -> None:
+    """Raise ValueError unless `label` reads back unchanged from an answer (no ';', no <loc>/<seg>
+    tokens, no leading or trailing spaces)."""
+    if ";" in label or TOKEN_RE.search(label) or label != label.strip():
+        raise ValueError(f"label {label!r} would not parse back: no ';', no <loc>/<seg> tokens, "
+                         "no leading or trailing spaces")
+
+
+def check_image_size(image_size: tuple[int, int]) -> None:
+    """Raise ValueError unless `image_size` is (width, height), both > 0."""
     if len(image_size) != 2 or any(s <= 0 for s in image_size):
         raise ValueError(f"image_size must be (width, height) > 0, got {image_size}")

@@ -122,7 +122,7 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
             continue
         boxes = [d.box for d in result.objects if d.label == shape]
         predicted += len(result.objects)
-        matched = _match(truth, boxes)
+        matched = sum(score > 0.0 for score in greedy_match(truth, boxes, iou, IOU_THRESHOLD))
         found += matched
         correct_predictions += matched
         objects += len(truth)
@@ -141,33 +141,24 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
 
 
 def match_masks(truth: list, predicted: list) -> list[float]:
-    """Each true mask's IoU with the predicted mask matched to it, 0.0 when none is.
+    """Each true mask's IoU with the predicted mask matched to it (`greedy_match` by mask IoU), 0.0 when none is."""
+    return greedy_match(truth, predicted, mask_iou)
 
-    Greedy one-to-one matching: pairs are taken by decreasing IoU (ties: the earlier true mask, then
-    the earlier prediction), each mask used at most once; pairs that do not overlap are never matched.
+
+def greedy_match(truth: list, predicted: list, similarity, threshold: float = 0.0) -> list[float]:
+    """Each true item's similarity with the prediction matched to it, 0.0 when none is.
+
+    Greedy one-to-one matching: pairs are taken by decreasing similarity (ties: the earlier true item,
+    then the earlier prediction), each item used at most once; pairs below `threshold` or with no
+    overlap at all (similarity 0) are never matched.
     """
-    pairs = sorted(((-mask_iou(t, p), ti, pi) for ti, t in enumerate(truth) for pi, p in enumerate(predicted)))
+    pairs = sorted((-similarity(t, p), ti, pi) for ti, t in enumerate(truth) for pi, p in enumerate(predicted))
     scores, used_truth, used_predicted = [0.0] * len(truth), set(), set()
-    for negative_iou, ti, pi in pairs:
-        if negative_iou >= 0.0:
+    for negative, ti, pi in pairs:
+        if -negative <= 0.0 or -negative < threshold:
             break
         if ti not in used_truth and pi not in used_predicted:
-            scores[ti] = -negative_iou
+            scores[ti] = -negative
             used_truth.add(ti)
             used_predicted.add(pi)
     return scores
-
-
-def _match(truth: list, boxes: list) -> int:
-    """Greedy one-to-one matching by IoU: how many true boxes get a predicted box at IoU >= 0.5."""
-    pairs = sorted(((iou(t, b), ti, bi) for ti, t in enumerate(truth) for bi, b in enumerate(boxes)), reverse=True)
-    used_truth, used_boxes, matched = set(), set(), 0
-    for score, ti, bi in pairs:
-        if score < IOU_THRESHOLD:
-            break
-        if ti not in used_truth and bi not in used_boxes:
-            used_truth.add(ti)
-            used_boxes.add(bi)
-            matched += 1
-    return matched
-

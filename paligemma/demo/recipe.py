@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ..config import PaliGemmaConfig, TextConfig, VisionConfig
 from ..model import PaliGemma
 from ..spm_builder import SpmLayout, build_paligemma_spm
+from ..tokenizer import IMAGE_TOKEN, NUM_LOC_TOKENS
 from .scenes import corpus_lines
 
 DEMO_IMAGE_SIZE = 112  # the scenes are drawn at 224 px; the processor resizes them, as for any photo
@@ -59,7 +60,7 @@ def tokenizer_config() -> dict:
     """tokenizer_config.json: lets transformers' AutoProcessor load the folder as a PaliGemmaProcessor."""
     return {"tokenizer_class": "GemmaTokenizer", "processor_class": "PaliGemmaProcessor", "bos_token": "<bos>",
             "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "left",
-            "add_bos_token": False, "add_eos_token": False, "extra_special_tokens": ["<image>"]}
+            "add_bos_token": False, "add_eos_token": False, "extra_special_tokens": [IMAGE_TOKEN]}
 
 
 @torch.no_grad()
@@ -72,11 +73,11 @@ def init_location_embeddings(model: PaliGemma, layout: SpmLayout, std: float = 0
     """
     table = model.language_model.embed_tokens.weight  # (V, D)
     dim = table.shape[1]
-    values = torch.arange(1024, dtype=torch.float32)[:, None] / 1023  # (1024, 1) in [0, 1]
+    values = torch.arange(NUM_LOC_TOKENS, dtype=torch.float32)[:, None] / (NUM_LOC_TOKENS - 1)  # (1024, 1) in [0, 1]
     frequencies = torch.pi * torch.arange(1, dim // 2 + 1, dtype=torch.float32)[None] / 4  # slow to fast
     codes = torch.cat([torch.sin(values * frequencies), torch.cos(values * frequencies)], dim=1)  # (1024, D)
     codes = codes / codes.std() * std
-    table[layout.loc_start:layout.loc_start + 1024] = codes + torch.randn_like(codes) * std / 2
+    table[layout.loc_start:layout.loc_start + NUM_LOC_TOKENS] = codes + torch.randn_like(codes) * std / 2
 
 
 def create_initial_checkpoint(out_dir: str | Path, seed: int = 0, vision_tower: str | Path | None = None) -> Path:
