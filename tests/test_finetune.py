@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 import paligemma
-from paligemma.finetune import (Collator, DataError, FinetuneDataset, TrainConfig, load_adapter,
+from paligemma.finetune import (Collator, DataError, FinetuneDataset, TrainConfig, evaluate, load_adapter,
                                 merge_lora, save_adapter, set_trainable, train)
 from paligemma.finetune.schedule import lr_at
+from paligemma.finetune.step import count_targets, train_step
 from tiny_models import write_complete_checkpoint
 
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30),
@@ -131,6 +132,74 @@ def test_accumulation_equals_one_big_batch(tmp_path, base_dir, processor):
     assert s1.losses == pytest.approx(s2.losses, rel=1e-6, abs=1e-7)
     for (name, a), (_, b) in zip(big.state_dict().items(), accumulated.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_train_step_gradient_is_that_of_the_token_weighted_mean(base_dir, processor):
+    """Two micro-batches with different numbers of target tokens accumulate the gradient of the mean
+    over the union of their tokens (one batch holding all three examples), not a mean of their means."""
+    examples = [FinetuneDataset(rows(3))[i] for i in range(3)]
+    collate = Collator(processor)
+    micro = [collate(examples[:2]), collate(examples[2:])]
+    counts = [count_targets(b["labels"]) for b in micro]
+    assert counts[0] != 2 * counts[1]  # so a mean of the two means weighs the tokens differently
+    model = fresh_model(base_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    loss, grad_norm = train_step(model, micro, params)
+    accumulated = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    union = model(**collate(examples)).loss
+    union.backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+
+    assert loss == pytest.approx(union.item(), rel=1e-6)
+    with torch.no_grad():
+        mean_of_means = sum(model(**b).loss.item() for b in micro) / 2
+    assert abs(mean_of_means - union.item()) > 1e-3
+    # float32 sums in another order: equal to ~1e-5 of each tensor's largest entry (SigLIP's key
+    # biases, zero in exact arithmetic, are pure rounding noise: hence the absolute 1e-8).
+    for (name, _), got, want in zip(model.named_parameters(), accumulated, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item() + 1e-8, msg=name)
+    assert grad_norm == pytest.approx(torch.linalg.vector_norm(torch.stack([g.norm() for g in expected])).item(),
+                                      rel=1e-5)
+
+    # Clipping scales the gradients to max_grad_norm; the norm returned is the one before clipping.
+    clipped_loss, clipped_norm = train_step(model, micro, params, max_grad_norm=grad_norm / 2)
+    assert (clipped_loss, clipped_norm) == pytest.approx((loss, grad_norm), rel=1e-6)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want / 2, rtol=0, atol=1e-4 * want.abs().max().item() + 1e-8)
+
+
+def test_evaluate_on_a_scene_dataset_reads_and_preprocesses_each_example_once(base_dir, processor, monkeypatch):
+    from paligemma.demo.train import SceneDataset
+
+    reads = []
+
+    class CountingScenes(SceneDataset):
+        def __getitem__(self, index):
+            reads.append(index)
+            return super().__getitem__(index)
+
+    dataset = CountingScenes(5, seed0=321)
+    images_preprocessed = []
+    image_processor = processor.image_processor
+    monkeypatch.setattr(processor, "image_processor",
+                        lambda images, **kw: images_preprocessed.extend(images) or image_processor(images, **kw))
+    model = fresh_model(base_dir)
+    result = evaluate(model, processor, dataset, batch_size=2, max_new_tokens=6)
+    assert sorted(reads) == list(range(5)) and len(images_preprocessed) == 5
+    monkeypatch.undo()
+
+    # The same figures as a plain forward over the whole set and `generate` (its own preprocessing).
+    examples = [dataset[i] for i in range(5)]
+    with torch.no_grad():
+        loss = model(**Collator(processor)(examples)).loss.item()
+    answers = paligemma.generate(model, processor, [e.image for e in examples], [e.prefix for e in examples],
+                                 max_new_tokens=6)
+    assert result["num_examples"] == 5 and result["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert [shown["answer"] for shown in result["examples"]] == answers[:3]
+    assert result["exact_match"] == sum(a.strip() == e.suffix.strip() for a, e in zip(answers, examples)) / 5
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path, base_dir, processor):

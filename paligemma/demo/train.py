@@ -26,11 +26,14 @@ from .scenes import sample_example
 
 class SceneDataset(FinetuneDataset):
     """`length` examples drawn by `sample_example(seed0 + i, codec=codec)`, each made when it is indexed
-    (with a mask codec the mix includes `segment`: scenes.SEGMENT_TASK_MIX)."""
+    (with a mask codec the mix includes `segment`: scenes.SEGMENT_TASK_MIX).
+
+    A `FinetuneDataset` by its contract, `len` and indexing (what `train` and `evaluate` use), with
+    no stored rows."""
 
     def __init__(self, length: int, seed0: int, codec: MaskCodec | None = None):
+        super().__init__(())
         self.length, self.seed0, self.codec = length, seed0, codec
-        self.problems = []
 
     def __len__(self) -> int:
         return self.length

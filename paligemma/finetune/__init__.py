@@ -5,9 +5,10 @@
     summary = train(model, processor, "train.jsonl", TrainConfig(out_dir="out", model_dir=path, epochs=3),
                     eval_data="val.jsonl")
 
-Modules: `data` (JSONL rows, dataset, collator, sampler), `trainer` (the loop), `schedule`
-(warmup + cosine, AdamW), `freezing`, `lora` (peft, optional), `checkpoint` (HF layout + resumable
-state, no pickles), `distributed` (torchrun env, gloo), `evaluation`, `cli`.
+Modules: `data` (JSONL rows, dataset, collator, sampler), `trainer` (the loop), `step` (one step's
+forward and backward passes, the token-weighted loss), `schedule` (warmup + cosine, AdamW),
+`freezing`, `lora` (peft, optional), `checkpoint` (HF layout + resumable state, no pickles),
+`distributed` (torchrun env, gloo), `evaluation`, `cli`.
 """
 
 from .checkpoint import latest_checkpoint

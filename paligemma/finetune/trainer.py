@@ -2,10 +2,8 @@
 
 One optimizer step = `grad_accum` micro-steps of `batch_size` examples each (summed over all
 processes; each process takes batch_size / world_size of them). The loss of a step is the mean
-over *all* its suffix tokens: every micro-batch contributes sum(token losses) / N, where N is the
-step's token count over all micro-batches and all processes. So accumulation equals one big
-batch, and 2 processes equal 1, up to float rounding; a mean of per-batch means would not be
-(batches hold different numbers of answer tokens).
+over *all* its suffix tokens, so accumulation equals one big batch, and 2 processes equal 1, up to
+float rounding: `step.train_step` does the forward and backward passes.
 
 Deterministic given `seed`: the data order is a function of (seed, epoch) alone
 (`MicroBatchSampler`), and a resumed run restores the step, optimizer and RNG states, so it
@@ -29,11 +27,11 @@ from ..model import PaliGemma
 from . import checkpoint as ckpt
 from . import lora
 from .data import Collator, DataError, MicroBatchSampler, as_dataset
-from .distributed import (DistEnv, all_reduce_sum, barrier, gradient_sync, init_distributed, shard_bounds,
-                          wrap_model)
-from .evaluation import autocast_context, count_targets, evaluate
+from .distributed import DistEnv, barrier, init_distributed, shard_bounds, wrap_model
+from .evaluation import evaluate
 from .freezing import count_trainable, set_trainable
 from .schedule import build_optimizer, lr_at, set_lr
+from .step import train_step
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -120,15 +118,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     if eval_set is not None and len(eval_set) == 0:
         raise DataError("the evaluation set has no usable examples")
 
-    if config.lora_rank:
-        lora.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.model_dir)
-    elif lora.has_lora(model):  # adapters injected by the caller (apply_lora / load_adapter): train those
-        for name, param in model.named_parameters():
-            param.requires_grad_(".lora_" in name)
-    else:
-        set_trainable(model, config.freeze, config.attention_only)
-    model.vision_tower.gradient_checkpointing = config.gradient_checkpointing
-    model.language_model.gradient_checkpointing = config.gradient_checkpointing
+    _choose_trainable(model, config)
     runner = wrap_model(model, env, config.fsdp)  # FSDP swaps in sharded parameters: before the optimizer
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,19 +132,10 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     per_epoch = len(train_set) // config.batch_size
     total_steps = config.steps if config.steps is not None else \
         max(1, math.ceil((config.epochs or 1.0) * per_epoch / config.grad_accum))
-    lo, hi = shard_bounds(config.batch_size, env)
-    sampler = MicroBatchSampler(len(train_set), config.batch_size, config.seed, config.shuffle,
-                                start=start_step * config.grad_accum, stop=total_steps * config.grad_accum,
-                                lo=lo, hi=hi)
-    # Its own generator: a DataLoader otherwise draws a seed from the global RNG when iterated,
-    # which would shift a resumed run's random stream (e.g. LoRA dropout) by one draw.
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
-                                         collate_fn=Collator(processor, config.max_length),
-                                         generator=torch.Generator().manual_seed(config.seed))
-    batches = iter(loader)
+    batches = _micro_batches(train_set, processor, config, env, start_step, total_steps)
 
     log = _Logger(out, env, on_log, start_step)
-    trainable, total = count_trainable(model)
+    trainable, _ = count_trainable(model)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(config), indent=1) + "\n", encoding="utf-8")
@@ -167,23 +148,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     for step in range(start_step, total_steps):
         tick = time.perf_counter()
         micro = [next(batches) for _ in range(config.grad_accum)]
-        # The step's target-token count over every micro-batch and every process: the loss divisor.
-        local_counts = [count_targets(b["labels"]) for b in micro]
-        global_count = float(all_reduce_sum(torch.tensor(float(sum(local_counts))), env))
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for index, (batch, count) in enumerate(zip(micro, local_counts)):
-            with gradient_sync(runner, sync=index == len(micro) - 1):
-                with autocast_context(config.bf16):
-                    output = runner(**batch)
-                    # mean * count = this micro-batch's summed token loss; no target at all keeps the graph.
-                    token_sum = output.loss.float() * count if count else output.logits.sum() * 0.0
-                # DDP and FSDP average gradients over processes, hence * world_size: we want their sum.
-                (token_sum * (env.world_size / global_count)).backward()
-            loss_sum += token_sum.detach().double()
-        loss = float(all_reduce_sum(loss_sum, env)) / global_count
-        max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
+        loss, grad_norm = train_step(runner, micro, params, env, config.bf16, config.max_grad_norm)
         lr = lr_at(step, config.lr, total_steps, config.warmup_steps, config.min_lr_ratio)
         set_lr(optimizer, lr)
         optimizer.step()
@@ -207,7 +172,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
                      "epoch": done * config.grad_accum / per_epoch, "world_size": env.world_size,
                      "config": asdict(config)}
             ckpt.save_checkpoint(out / f"checkpoint-{done}", model, optimizer, state, config.model_dir, env,
-                                     config.extra_files)
+                                 config.extra_files)
     if bar is not None:
         bar.close()
     if eval_set is not None:
@@ -227,6 +192,33 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _choose_trainable(model: PaliGemma, config: TrainConfig) -> None:
+    """LoRA adapters, the caller's adapters, or the parts not frozen; and gradient checkpointing."""
+    if config.lora_rank:
+        lora.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.model_dir)
+    elif lora.has_lora(model):  # adapters injected by the caller (apply_lora / load_adapter): train those
+        for name, param in model.named_parameters():
+            param.requires_grad_(".lora_" in name)
+    else:
+        set_trainable(model, config.freeze, config.attention_only)
+    model.vision_tower.gradient_checkpointing = config.gradient_checkpointing
+    model.language_model.gradient_checkpointing = config.gradient_checkpointing
+
+
+def _micro_batches(train_set, processor, config: TrainConfig, env: DistEnv, start_step: int, total_steps: int):
+    """An iterator over this process's share of the micro-batches of steps start_step .. total_steps - 1."""
+    lo, hi = shard_bounds(config.batch_size, env)
+    sampler = MicroBatchSampler(len(train_set), config.batch_size, config.seed, config.shuffle,
+                                start=start_step * config.grad_accum, stop=total_steps * config.grad_accum,
+                                lo=lo, hi=hi)
+    # Its own generator: a DataLoader otherwise draws a seed from the global RNG when iterated,
+    # which would shift a resumed run's random stream (e.g. LoRA dropout) by one draw.
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
+                                         collate_fn=Collator(processor, config.max_length),
+                                         generator=torch.Generator().manual_seed(config.seed))
+    return iter(loader)
 
 
 def _resume_dir(config: TrainConfig, out: Path) -> Path | None:

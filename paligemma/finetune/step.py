@@ -1,0 +1,61 @@
+"""One optimizer step's forward and backward passes, with the loss weighted by target tokens.
+
+The loss of a step is the mean over *all* its suffix tokens: every micro-batch contributes
+sum(token losses) / N, where N is the step's token count over all micro-batches and all
+processes. So accumulation equals one big batch, and 2 processes equal 1, up to float rounding; a
+mean of per-batch means would not (batches hold different numbers of answer tokens).
+
+Kept apart from `trainer` (the loop) so that `evaluation`, which `trainer` calls, can share
+`autocast_context` and `count_targets` without importing the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..model import IGNORE_INDEX
+from .distributed import DistEnv, all_reduce_sum, gradient_sync
+
+
+def autocast_context(bf16: bool):
+    """bfloat16 autocast on CPU when asked; a no-op otherwise."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Tokens that the next-token loss is computed over (labels shifted by one, IGNORE_INDEX excluded)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_step(runner: nn.Module, micro_batches: Sequence[dict], params: Sequence[torch.Tensor],
+               env: DistEnv = DistEnv(), bf16: bool = False,
+               max_grad_norm: float | None = None) -> tuple[float, float]:
+    """Forward and backward over one step's micro-batches (this process's share); returns (loss, grad_norm).
+
+    `runner` is the model as `distributed.wrap_model` returns it. The gradients of `params` are then
+    those of the token-weighted mean loss over the whole step (all micro-batches, all processes),
+    clipped to `max_grad_norm` (None: not clipped); `grad_norm` is their norm before clipping. The
+    caller steps the optimizer and zeroes the gradients.
+    """
+    # The step's target-token count over every micro-batch and every process: the loss divisor.
+    local_counts = [count_targets(batch["labels"]) for batch in micro_batches]
+    global_count = float(all_reduce_sum(torch.tensor(float(sum(local_counts))), env))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for index, (batch, count) in enumerate(zip(micro_batches, local_counts)):
+        with gradient_sync(runner, sync=index == len(micro_batches) - 1):
+            with autocast_context(bf16):
+                output = runner(**batch)
+                # mean * count = this micro-batch's summed token loss; no target at all keeps the graph.
+                token_sum = output.loss.float() * count if count else output.logits.sum() * 0.0
+            # DDP and FSDP average gradients over processes, hence * world_size: we want their sum.
+            (token_sum * (env.world_size / global_count)).backward()
+        loss_sum += token_sum.detach().double()
+    loss = float(all_reduce_sum(loss_sum, env)) / global_count
+    max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: DTensor
+    return loss, grad_norm
