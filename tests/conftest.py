@@ -1,4 +1,5 @@
-"""Shared pytest fixtures. Keep each fixture's name specific to what it provides."""
+"""Shared pytest fixtures. Keep each fixture's name specific to what it provides; plain helpers
+shared by several test files live in `tiny_models.py`, which tests import like any module."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tiny_models import hub_preprocessor_config, tiny_paligemma_config, write_complete_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -57,17 +60,6 @@ def spm_layout(spm_model_dir):
     return spm_model_dir[1]
 
 
-def tiny_paligemma_config(vocab_size: int, image_token_index: int, image_size: int = 28, patch_size: int = 14):
-    """A small PaliGemmaConfig whose vocabulary fits a `build_paligemma_spm` tokenizer."""
-    from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
-
-    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          patch_size=patch_size, image_size=image_size)
-    text = TextConfig(model_type="gemma", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    return PaliGemmaConfig(vision=vision, text=text, image_token_index=image_token_index)
-
-
 @pytest.fixture(scope="session")
 def processor_checkpoint_factory(tmp_path_factory, spm_model_path, spm_layout):
     """make(image_size=28, patch_size=14, preprocessor=True, tokenizer_file="tokenizer.model") -> checkpoint dir.
@@ -102,14 +94,6 @@ def processor_checkpoint_factory(tmp_path_factory, spm_model_path, spm_layout):
     return make
 
 
-def hub_preprocessor_config(image_size: int, image_seq_length: int) -> dict:
-    """The released PaliGemma preprocessor_config.json, at another resolution."""
-    return {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
-            "image_processor_type": "SiglipImageProcessor", "image_seq_length": image_seq_length,
-            "image_std": [0.5, 0.5, 0.5], "processor_class": "PaliGemmaProcessor", "resample": 3,
-            "rescale_factor": 0.00392156862745098, "size": {"height": image_size, "width": image_size}}
-
-
 # ---------------------------------------------------------------------- images
 
 @pytest.fixture(scope="session")
@@ -128,8 +112,6 @@ def skimage_photos() -> dict:
 def tiny_checkpoint_dir(tmp_path_factory, spm_model_path, spm_layout) -> Path:
     """A complete tiny checkpoint directory: random Gemma weights (transformers-written), the test
     tokenizer and a hub-style preprocessor_config.json (28 px images, 4 image tokens)."""
-    from tiny_models import write_complete_checkpoint
-
     directory = tmp_path_factory.mktemp("tiny-checkpoint")
     write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=2)
     return directory

@@ -8,7 +8,7 @@ from paligemma.contrastive import (DualEncoder, DualEncoderConfig, TextTowerConf
                                    retrieval_recall_at_1, zero_shot_predictions)
 from paligemma.losses import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE
 from paligemma.model import PaliGemma
-from tests.tiny_models import tiny_config
+from tiny_models import tiny_config
 
 
 def tiny_dual_encoder(loss="sigmoid", vision=None, seed=0) -> DualEncoder:
@@ -75,7 +75,7 @@ def test_recall_counts_identical_captions_as_interchangeable():
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
-def test_training_on_a_tiny_batch_lowers_the_loss_and_beats_chance(loss, one_thread):
+def test_training_on_a_tiny_batch_lowers_the_loss_and_beats_chance(loss):
     torch.manual_seed(1)
     n = 12
     # Each image is one flat colour; its "caption" is a token naming that colour plus a shared token.

@@ -32,8 +32,7 @@ def _images(photos, n):
 
 
 def _reference_greedy(reference, inputs, max_new_tokens):
-    out = reference.generate(**{k: v for k, v in inputs.items()}, max_new_tokens=max_new_tokens, do_sample=False,
-                             min_new_tokens=max_new_tokens)
+    out = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
     return out[:, inputs["input_ids"].shape[1]:]
 
 

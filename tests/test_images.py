@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from paligemma.images import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image
-from conftest import hub_preprocessor_config
+from tiny_models import hub_preprocessor_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -61,6 +61,7 @@ def test_extreme_logits_stay_finite_with_finite_gradients(loss_name):
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert torch.isfinite(images.grad).all() and torch.isfinite(log_scale.grad)
+    assert bias.grad is None if loss_name == "clip" else torch.isfinite(bias.grad)  # CLIP has no bias
 
 
 def test_perfect_alignment_gives_small_losses():

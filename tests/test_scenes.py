@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from paligemma.demo import scenes
 from paligemma.demo.scenes import (
@@ -30,6 +31,7 @@ from paligemma.demo.scenes import (
     segment_prompt,
     write_dataset_jsonl,
 )
+from paligemma.tasks import encode_box, parse_detections
 
 N_SEEDS = 200
 DETECT_RE = re.compile(r"^(<loc\d{4}>){4} (circle|square|triangle)$")
@@ -114,8 +116,6 @@ def test_caption_grammar():
 
 
 def test_loc_values_follow_big_vision_rounding():
-    from paligemma.tasks import encode_box
-
     assert encode_box((0, 0, 224, 224), (224, 224)) == "<loc0000><loc0000><loc1023><loc1023>"
     assert encode_box((112, 100, 112, 100), (224, 224)) == "<loc0457><loc0512><loc0457><loc0512>"  # 511.5 -> 512 (half to even)
     assert encode_box((10, 20, 30, 40), (224, 224)) == "<loc0091><loc0046><loc0183><loc0137>"  # y0 x0 y1 x1
@@ -193,8 +193,6 @@ def test_write_dataset_jsonl_round_trip(tmp_path):
     for seed, row in zip(range(10, 15), rows):
         image, prefix, suffix = sample_example(seed)
         assert row == {"image": f"images/{seed:08d}.png", "prefix": prefix, "suffix": suffix}
-        from PIL import Image
-
         with Image.open(tmp_path / "a" / row["image"]) as saved:
             assert saved.tobytes() == image.tobytes()
     again = write_dataset_jsonl(tmp_path / "b", n=5, seed0=10)
@@ -203,11 +201,10 @@ def test_write_dataset_jsonl_round_trip(tmp_path):
 
 
 def test_detect_answers_agree_with_the_library_encoder_and_parser(many_scenes):
-    tasks = pytest.importorskip("paligemma.tasks")
     for scene in many_scenes[:50]:
         size = scene.size
         for shape in SHAPES:
-            result = tasks.parse_detections(detect_answer(scene, shape), (size, size))
+            result = parse_detections(detect_answer(scene, shape), (size, size))
             assert not result.errors
             truth = [o.box for o in scene.objects if o.shape == shape]
             assert [d.label for d in result.objects] == [shape] * len(truth)
@@ -251,10 +248,9 @@ def random_codec():
 
 @pytest.fixture(scope="module")
 def shipped_codec():
+    """The demo model's codec: package data, so a missing file is a failure, not a skip."""
     from paligemma.vqvae import load_mask_codec
 
-    if not SHIPPED_CODEC.is_file():
-        pytest.skip(f"{SHIPPED_CODEC} is not installed")
     return load_mask_codec(SHIPPED_CODEC)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import paligemma
 from paligemma.drawing import draw_masks
 from paligemma.segmentation import (Segmentation, format_segmentations, mask_in_box, mask_to_64,
                                     parse_segmentations)
@@ -17,6 +18,8 @@ from paligemma.vqvae import (MaskCodec, MaskCodecConfig, codec_from_state_dict, 
                              save_mask_codec)
 
 SMALL = MaskCodecConfig(num_codes=128, embed_dim=8, hidden=16, encoder_channels=(4, 4, 8, 8))
+# The demo model's codec: package data, so a missing file fails the tests that use it.
+SHIPPED_CODEC = Path(paligemma.__file__).parent / "demo_model" / "mask_codec.safetensors"
 
 
 def _loc(*values):
@@ -476,6 +479,17 @@ def test_match_masks_greedy_one_to_one():
     assert match_masks([same, same.copy()], [same]) == [1.0, 0.0]
 
 
+def test_greedy_match_of_boxes_takes_pairs_at_the_threshold_or_above():
+    from paligemma.demo.evaluate import IOU_THRESHOLD, greedy_match
+    from paligemma.demo.scenes import iou
+
+    truth = [(0, 0, 10, 10), (20, 0, 30, 10)]
+    half, less = (0, 0, 10, 5), (20, 0, 30, 4.9)  # IoU 0.5 with the first box, 0.49 with the second
+    assert greedy_match(truth, [half, less], iou, IOU_THRESHOLD) == [0.5, 0.0]
+    assert greedy_match(truth, [less, half], iou, 0.4) == [0.5, pytest.approx(0.49)]
+    assert greedy_match(truth, [(0, 0, 30, 10)], iou) == [pytest.approx(1 / 3), 0.0]  # one box, the earlier object
+
+
 def test_demo_eval_scores_segment_answers(monkeypatch):
     """evaluate_demo end to end with answers written from the scenes themselves (a perfect model):
     the segmentation score is then the codec's ceiling through the answer text, the rest 100%."""
@@ -483,10 +497,7 @@ def test_demo_eval_scores_segment_answers(monkeypatch):
     from paligemma.demo.recipe import EVAL_SEED0
     from paligemma.vqvae import load_mask_codec
 
-    path = Path(scenes.__file__).parent.parent / "demo_model" / "mask_codec.safetensors"
-    if not path.is_file():
-        pytest.skip(f"{path} is not installed")
-    codec = load_mask_codec(path)
+    codec = load_mask_codec(SHIPPED_CODEC)
     seed0, n = EVAL_SEED0 + 40_000, 6
     by_image = {scenes.generate_scene(seed0 + i).image.tobytes(): scenes.generate_scene(seed0 + i) for i in range(n)}
     prompts_seen = []
@@ -524,16 +535,13 @@ def test_demo_eval_scores_segment_answers(monkeypatch):
 def test_shipped_demo_codec_and_its_training_script(tmp_path, capsys):
     import json
 
-    from paligemma.demo import scenes
     from paligemma.demo.train_mask_codec import CODEC_CONFIG, main, reconstruction_iou
 
-    path = Path(scenes.__file__).parent.parent / "demo_model" / "mask_codec.safetensors"
-    if path.is_file():
-        assert path.stat().st_size < 2 * 1024 * 1024
-        codec = load_mask_codec(path)
-        assert codec.config == CODEC_CONFIG
-        scores = reconstruction_iou(codec, num_scenes=10)
-        assert min(scores["box"].values()) > 0.98 and scores["answer"]["all"] > 0.9, scores
+    assert SHIPPED_CODEC.stat().st_size < 2 * 1024 * 1024
+    codec = load_mask_codec(SHIPPED_CODEC)
+    assert codec.config == CODEC_CONFIG
+    scores = reconstruction_iou(codec, num_scenes=10)
+    assert min(scores["box"].values()) > 0.98 and scores["answer"]["all"] > 0.9, scores
 
     # The script end to end, a few steps: seeded, so two runs write the same weights. (Not always the
     # same bytes: safetensors writes the header's metadata entries in no fixed order.)

@@ -81,9 +81,9 @@ def test_loc_and_seg_tokens_are_single_ids(tokenizer, spm_layout):
     assert tokenizer.id_to_piece(ids[2]) == "<loc1023>"
     assert tokenizer.decode(ids) == "<loc0000><loc0512><loc1023><seg000><seg127> circle"
     assert tokenizer.decode(ids, keep_loc_seg=False) == " circle"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside 0..1023"):
         tokenizer.loc_id(1024)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside 0..127"):
         tokenizer.seg_id(-1)
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma.model import IGNORE_INDEX
 
-IMAGE_TOKEN = 255  # last id of the tiny vocabularies below
+IMAGE_TOKEN_ID = 255  # last id of the tiny vocabularies below
 
 
 def tiny_config(family: str = "gemma", *, kv_heads: int = 1, heads: int = 4, head_dim: int = 16,
@@ -27,7 +28,7 @@ def tiny_config(family: str = "gemma", *, kv_heads: int = 1, heads: int = 4, hea
         text=TextConfig(model_type=family, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                         head_dim=head_dim, max_position_embeddings=512, **gemma2),
-        image_token_index=IMAGE_TOKEN,
+        image_token_index=IMAGE_TOKEN_ID,
     )
 
 
@@ -89,8 +90,6 @@ def write_complete_checkpoint(directory, family: str, spm_model_path, spm_layout
     import json
     import shutil
 
-    from conftest import hub_preprocessor_config
-
     base = tiny_config(family, image_size=image_size, patch_size=patch_size, **config_kwargs)
     config = dataclasses.replace(base, text=dataclasses.replace(base.text, vocab_size=spm_layout.vocab_size),
                                  image_token_index=spm_layout.image_id)
@@ -106,12 +105,29 @@ def random_batch(config: PaliGemmaConfig, batch: int = 2, prompt_len: int = 6, s
     """One image per row: [<image>*N] prompt | suffix, with token_type_ids and suffix labels."""
     g = torch.Generator().manual_seed(seed)
     n = config.num_image_tokens
-    text = torch.randint(3, IMAGE_TOKEN, (batch, prompt_len + suffix_len), generator=g)
-    input_ids = torch.cat([torch.full((batch, n), IMAGE_TOKEN), text], dim=1)
+    text = torch.randint(3, IMAGE_TOKEN_ID, (batch, prompt_len + suffix_len), generator=g)
+    input_ids = torch.cat([torch.full((batch, n), IMAGE_TOKEN_ID), text], dim=1)
     token_type_ids = torch.zeros_like(input_ids)
     token_type_ids[:, n + prompt_len:] = 1
-    labels = torch.where(token_type_ids == 1, input_ids, torch.full_like(input_ids, -100))
+    labels = torch.where(token_type_ids == 1, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     size = config.vision.image_size
     return dict(input_ids=input_ids, token_type_ids=token_type_ids, labels=labels,
                 attention_mask=torch.ones_like(input_ids),
                 pixel_values=torch.rand(batch, 3, size, size, generator=g) * 2 - 1)
+
+
+def tiny_paligemma_config(vocab_size: int, image_token_index: int, image_size: int = 28, patch_size: int = 14):
+    """A small PaliGemmaConfig whose vocabulary fits a `build_paligemma_spm` tokenizer."""
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          patch_size=patch_size, image_size=image_size)
+    text = TextConfig(model_type="gemma", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    return PaliGemmaConfig(vision=vision, text=text, image_token_index=image_token_index)
+
+
+def hub_preprocessor_config(image_size: int, image_seq_length: int) -> dict:
+    """The released PaliGemma preprocessor_config.json, at another resolution."""
+    return {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+            "image_processor_type": "SiglipImageProcessor", "image_seq_length": image_seq_length,
+            "image_std": [0.5, 0.5, 0.5], "processor_class": "PaliGemmaProcessor", "resample": 3,
+            "rescale_factor": 0.00392156862745098, "size": {"height": image_size, "width": image_size}}
