@@ -56,6 +56,7 @@ def ensure_checkpoint(model: str) -> Path:
     if (directory / "config.json").exists() and (directory / "model.safetensors.index.json").exists():
         return directory
     import torch
+
     from paligemma.config import PaliGemmaConfig
     from paligemma.model import PaliGemma
 
@@ -166,7 +167,8 @@ def worker(args) -> dict:
             if args.batch8:
                 ids8, mask8, pix8 = _inputs(config, 8)
                 first8 = timed(lambda: generate(ids8, mask8, pix8, 1))
-                out["decode_b8"] = 8 * NEW_TOKENS / (timed(lambda: generate(ids8, mask8, pix8, NEW_TOKENS + 1)) - first8)
+                elapsed = timed(lambda: generate(ids8, mask8, pix8, NEW_TOKENS + 1)) - first8
+                out["decode_b8"] = 8 * NEW_TOKENS / elapsed
         out["weight_bytes"] = _decode_bytes(model)
     out["total_weight_bytes"] = _decode_bytes(model, vision=True)
     out["peak_rss_gb"] = _rss_gb()
@@ -270,7 +272,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="pg1,pg2", help="comma list of pg1, pg2 (default both)")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
-    parser.add_argument("--quantize", default="int8,int4", help="comma list of int8, int4 for ours (bf16 activations), or ''")
+    parser.add_argument("--quantize", default="int8,int4",
+                        help="comma list of int8, int4 for ours (bf16 activations), or ''")
     parser.add_argument("--repeats", type=int, default=2, help="A B rounds per configuration (default 2)")
     parser.add_argument("--inner", type=int, default=2, help="timed repeats of encode/prefill inside a worker")
     parser.add_argument("--threads", default=str(os.cpu_count()),
@@ -380,7 +383,7 @@ def render(rows, bandwidth: float) -> str:
             achieved = ref_bytes * ref_tok / 1e9
             lines.append(f"| {model} | {dtype} | - | decode b1 GB/s streamed, transformers (fraction) | | "
                          f"{achieved:.1f} ({achieved / bandwidth:.2f}) | |")
-        rss, weights = _med(runs["ours"], "peak_rss_gb"), None
+        rss = _med(runs["ours"], "peak_rss_gb")
         if rss:
             total = _med(runs["ours"], "total_weight_bytes")
             if total:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_inference import _median  # noqa: E402
+
 from paligemma import kernels  # noqa: E402
 from paligemma.quantize import _packs_like_torch, quantize_int4, quantize_int8  # noqa: E402
 

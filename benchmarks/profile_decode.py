@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_inference import DTYPES, _inputs, checkpoint_dir  # noqa: E402
+
 from paligemma.loading import load_model  # noqa: E402
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from paligemma.demo import pretrain_vision, train
 from paligemma.demo.evaluate import evaluate_demo
-from paligemma.processor import load_processor
 from paligemma.loading import load_model
+from paligemma.processor import load_processor
 
 
 def last_eval(run: Path) -> dict:

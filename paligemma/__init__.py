@@ -16,17 +16,19 @@ from .kv_cache import KVCache
 from .loading import load_model
 from .model import PaliGemma, PaliGemmaOutput
 from .processor import Processor, ProcessorOutput, load_processor
-from .spm_builder import build_paligemma_spm
 from .segmentation import Segmentation, SegmentationResult, format_segmentations, parse_segmentations
+from .spm_builder import build_paligemma_spm
 from .tasks import Detection, DetectionResult, encode_box, format_detections, parse_detections
-from .vqvae import MaskCodec, MaskCodecConfig, load_mask_codec, save_mask_codec
 from .tokenizer import Tokenizer, TokenizerError
+from .vqvae import MaskCodec, MaskCodecConfig, load_mask_codec, save_mask_codec
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Detection", "DetectionResult", "GenerationResult", "ImageError", "ImageProcessor", "KVCache", "MaskCodec", "MaskCodecConfig", "PRESETS",
-    "PaliGemma", "PaliGemmaConfig", "PaliGemmaError", "PaliGemmaOutput", "Processor", "ProcessorOutput", "Segmentation", "SegmentationResult", "StreamEvent", "TextConfig",
-    "Tokenizer", "TokenizerError", "UsageError", "VisionConfig", "build_paligemma_spm", "encode_box", "format_detections", "format_segmentations", "generate", "generate_detailed",
-    "load_image", "load_mask_codec", "load_model", "load_processor", "parse_detections", "parse_segmentations",
-    "save_mask_codec", "save_model", "stream_generate",
+    "CheckpointError", "ConfigError", "Detection", "DetectionResult", "GenerationResult", "ImageError",
+    "ImageProcessor", "KVCache", "MaskCodec", "MaskCodecConfig", "PRESETS", "PaliGemma", "PaliGemmaConfig",
+    "PaliGemmaError", "PaliGemmaOutput", "Processor", "ProcessorOutput", "Segmentation", "SegmentationResult",
+    "StreamEvent", "TextConfig", "Tokenizer", "TokenizerError", "UsageError", "VisionConfig", "build_paligemma_spm",
+    "encode_box", "format_detections", "format_segmentations", "generate", "generate_detailed", "load_image",
+    "load_mask_codec", "load_model", "load_processor", "parse_detections", "parse_segmentations", "save_mask_codec",
+    "save_model", "stream_generate",
 ]
 __version__ = "0.1.0"

@@ -179,7 +179,8 @@ def _row_stops(stop, batch: int) -> list[list[str]]:
     """Stop strings per row from None, a string, a list of strings (every row) or a list of lists (per row)."""
     if stop is None or isinstance(stop, str):
         stop = [] if stop is None else [stop]
-    per_row = _per_row(stop, batch, "stop") if any(s is None or isinstance(s, (list, tuple)) for s in stop) else [stop] * batch
+    per_row_given = any(s is None or isinstance(s, (list, tuple)) for s in stop)
+    per_row = _per_row(stop, batch, "stop") if per_row_given else [stop] * batch
     rows = [[] if row is None else [row] if isinstance(row, str) else list(row) for row in per_row]
     if any(not isinstance(s, str) or not s for row in rows for s in row):
         raise UsageError("stop strings must be non-empty strings")

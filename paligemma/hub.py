@@ -31,7 +31,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         raise CheckpointError(f"{name} is not a directory (and not a Hub repo id like 'google/paligemma-3b-pt-224')")
     try:
         import huggingface_hub
-        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError)
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:
         raise CheckpointError(f"{name} is not a local directory, and huggingface_hub is not installed to fetch it "
                               "from the Hub: `pip install huggingface_hub`, or pass a local checkpoint directory"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import hub_preprocessor_config, tiny_paligemma_config, write_complete_checkpoint
 
 

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import random_batch, tiny_config, write_hf_checkpoint
 
 import paligemma
 from paligemma import CheckpointError, ConfigError, PaliGemma, PaliGemmaConfig
 from paligemma.config import PRESETS
-from tiny_models import random_batch, tiny_config, write_hf_checkpoint
 
 # config.json of google/paligemma-3b-pt-224 and google/paligemma2-3b-pt-448 as published.
 HUB_PG1_224 = {

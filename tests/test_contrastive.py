@@ -2,13 +2,19 @@
 
 import pytest
 import torch
+from tiny_models import tiny_config
 
 from paligemma.config import VisionConfig
-from paligemma.contrastive import (DualEncoder, DualEncoderConfig, TextTowerConfig, pad_texts,
-                                   retrieval_recall_at_1, zero_shot_predictions)
+from paligemma.contrastive import (
+    DualEncoder,
+    DualEncoderConfig,
+    TextTowerConfig,
+    pad_texts,
+    retrieval_recall_at_1,
+    zero_shot_predictions,
+)
 from paligemma.losses import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE
 from paligemma.model import PaliGemma
-from tiny_models import tiny_config
 
 
 def tiny_dual_encoder(loss="sigmoid", vision=None, seed=0) -> DualEncoder:

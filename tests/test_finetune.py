@@ -8,13 +8,23 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from tiny_models import write_complete_checkpoint
 
 import paligemma
-from paligemma.finetune import (Collator, DataError, FinetuneDataset, TrainConfig, evaluate, load_adapter,
-                                merge_lora, save_adapter, set_trainable, train)
+from paligemma.finetune import (
+    Collator,
+    DataError,
+    FinetuneDataset,
+    TrainConfig,
+    evaluate,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+    set_trainable,
+    train,
+)
 from paligemma.finetune.schedule import lr_at
 from paligemma.finetune.step import count_targets, train_step
-from tiny_models import write_complete_checkpoint
 
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30),
           "purple": (140, 30, 160), "orange": (250, 140, 20), "black": (5, 5, 5), "white": (250, 250, 250)}
@@ -270,7 +280,8 @@ def test_bad_rows_are_reported_with_line_numbers_and_skipped(jsonl_dir, tmp_path
     assert len(dataset) == 2 and dataset[1].where == f"{path}:8"
     reported = [p.split(": ", 1)[0] for p in dataset.problems]
     assert reported == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
-    for fragment in ("does not exist", "not a readable image", "missing field(s) ['suffix']", "'prefix' must be a string",
+    for fragment in ("does not exist", "not a readable image", "missing field(s) ['suffix']",
+                     "'prefix' must be a string",
                      "not valid JSON"):
         assert any(fragment in p for p in dataset.problems), fragment
     with pytest.raises(DataError, match=f"{path}:2: image"):

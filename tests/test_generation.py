@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import write_complete_checkpoint
 
 import paligemma
 from paligemma.generation import generate, generate_detailed, stream_generate
 from paligemma.processor import load_processor
 from paligemma.sampling import SamplingParams, filter_logits
-from tiny_models import write_complete_checkpoint
 
 PROMPTS = ["caption en", "answer en how many circles are there?", "detect red circle"]
 
@@ -105,8 +105,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(loaded, skimage_photos):
 
 
 def test_filters_match_transformers_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
     for params in (SamplingParams(0.7, 1.0, 20), SamplingParams(1.3, 0.8, 0), SamplingParams(1.0, 0.5, 40)):
         expected = TemperatureLogitsWarper(params.temperature)(None, logits.clone())

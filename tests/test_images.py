@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import hub_preprocessor_config
 
 from paligemma.images import DEFAULT_MAX_PIXELS, ImageError, ImageProcessor, load_image
-from tiny_models import hub_preprocessor_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_CONFIGS, random_batch, tiny_config, write_hf_checkpoint
 
 import paligemma
 from paligemma import inference, kernels, quantize
 from paligemma.inference import FusedAttention, InferenceLinear, optimize_for_inference
 from paligemma.quantize import QuantizationError, QuantizedLinear, check_available
-from tiny_models import TINY_CONFIGS, random_batch, tiny_config, write_hf_checkpoint
 
 try:
     check_available("int4")
@@ -353,10 +353,11 @@ def test_demo_model_answers_survive_quantization(mode):
 
 @needs_int4
 def test_cli_quantize_flag(capsys, tmp_path, spm_model_path, spm_layout, skimage_photos):
+    from tiny_models import write_complete_checkpoint
+
     from paligemma import cli
     from paligemma.generation import generate
     from paligemma.processor import load_processor
-    from tiny_models import write_complete_checkpoint
 
     write_complete_checkpoint(tmp_path, "gemma", spm_model_path, spm_layout, kv_heads=2, hidden=64, head_dim=32)
     image = tmp_path / "photo.png"

@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from paligemma.losses import (CLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE, clip_loss,
-                              pairwise_logits, siglip_loss)
+from paligemma.losses import (
+    CLIP_INIT_LOG_SCALE,
+    SIGLIP_INIT_BIAS,
+    SIGLIP_INIT_LOG_SCALE,
+    clip_loss,
+    pairwise_logits,
+    siglip_loss,
+)
 
 
 def _embeddings(n=5, d=7, seed=0):
@@ -67,4 +73,5 @@ def test_extreme_logits_stay_finite_with_finite_gradients(loss_name):
 def test_perfect_alignment_gives_small_losses():
     base = torch.eye(6, dtype=torch.float64)
     assert clip_loss(base, base, torch.tensor(5.0, dtype=torch.float64)) < 1e-3
-    assert siglip_loss(base, base, torch.tensor(5.0, dtype=torch.float64), torch.tensor(-70.0, dtype=torch.float64)) < 1e-3
+    scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-70.0, dtype=torch.float64)
+    assert siglip_loss(base, base, scale, bias) < 1e-3

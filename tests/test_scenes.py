@@ -117,7 +117,8 @@ def test_caption_grammar():
 
 def test_loc_values_follow_big_vision_rounding():
     assert encode_box((0, 0, 224, 224), (224, 224)) == "<loc0000><loc0000><loc1023><loc1023>"
-    assert encode_box((112, 100, 112, 100), (224, 224)) == "<loc0457><loc0512><loc0457><loc0512>"  # 511.5 -> 512 (half to even)
+    # 511.5 -> 512 (half to even)
+    assert encode_box((112, 100, 112, 100), (224, 224)) == "<loc0457><loc0512><loc0457><loc0512>"
     assert encode_box((10, 20, 30, 40), (224, 224)) == "<loc0091><loc0046><loc0183><loc0137>"  # y0 x0 y1 x1
 
 

@@ -12,10 +12,15 @@ from PIL import Image
 
 import paligemma
 from paligemma.drawing import draw_masks
-from paligemma.segmentation import (Segmentation, format_segmentations, mask_in_box, mask_to_64,
-                                    parse_segmentations)
-from paligemma.vqvae import (MaskCodec, MaskCodecConfig, codec_from_state_dict, fit_mask_codec, load_mask_codec,
-                             save_mask_codec)
+from paligemma.segmentation import Segmentation, format_segmentations, mask_in_box, mask_to_64, parse_segmentations
+from paligemma.vqvae import (
+    MaskCodec,
+    MaskCodecConfig,
+    codec_from_state_dict,
+    fit_mask_codec,
+    load_mask_codec,
+    save_mask_codec,
+)
 
 SMALL = MaskCodecConfig(num_codes=128, embed_dim=8, hidden=16, encoder_channels=(4, 4, 8, 8))
 # The demo model's codec: package data, so a missing file fails the tests that use it.

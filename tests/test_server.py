@@ -317,7 +317,8 @@ def _with_prompt_parts(parts):
 
 
 TEXT = {"type": "text", "text": "caption en"}
-PNG_1PX = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+PNG_1PX = ("data:image/png;base64,"
+           "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 TOO_MANY_PIXELS = png_data_uri(Image.new("RGB", (400, 300)))  # past the fixture's 100k-pixel limit
 BAD_BODIES = {
     "not an object": ([1, 2], 400, None),

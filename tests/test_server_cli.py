@@ -18,8 +18,8 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 from server_helpers import image_message, png_data_uri  # noqa: E402
 
-from paligemma.cli import main  # noqa: E402
 from paligemma import cli_common  # noqa: E402
+from paligemma.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

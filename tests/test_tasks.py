@@ -4,8 +4,16 @@ import random
 
 import pytest
 
-from paligemma.tasks import (Detection, encode_box, format_detections, leading_tokens, parse_detections,
-                             parse_loc_box, prompt_task, split_objects)
+from paligemma.tasks import (
+    Detection,
+    encode_box,
+    format_detections,
+    leading_tokens,
+    parse_detections,
+    parse_loc_box,
+    prompt_task,
+    split_objects,
+)
 
 
 def _loc(*values):

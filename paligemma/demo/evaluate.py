@@ -23,8 +23,22 @@ from ..generation import generate
 from ..segmentation import parse_segmentations
 from ..tasks import parse_detections
 from .recipe import EVAL_SEED0, SCENE_SIZE
-from .scenes import (CAPTION_PROMPT, SHAPES, caption, color_answer, color_prompt, count, count_answer, count_prompt,
-                     detect_prompt, generate_scene, iou, mask_iou, segment_prompt, unique_shapes)
+from .scenes import (
+    CAPTION_PROMPT,
+    SHAPES,
+    caption,
+    color_answer,
+    color_prompt,
+    count,
+    count_answer,
+    count_prompt,
+    detect_prompt,
+    generate_scene,
+    iou,
+    mask_iou,
+    segment_prompt,
+    unique_shapes,
+)
 
 IOU_THRESHOLD = 0.5
 # Answer lengths in tokens: a detect answer is at most 4 objects x (4 locs + label + " ;"), a segment

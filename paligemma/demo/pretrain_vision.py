@@ -26,10 +26,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..contrastive import (LOSS_KINDS, DualEncoder, DualEncoderConfig, TextTowerConfig, pad_texts,
-                           retrieval_recall_at_1, zero_shot_predictions)
 from ..cli_common import DEMO_TOKENIZER
 from ..config import VisionConfig
+from ..contrastive import (
+    LOSS_KINDS,
+    DualEncoder,
+    DualEncoderConfig,
+    TextTowerConfig,
+    pad_texts,
+    retrieval_recall_at_1,
+    zero_shot_predictions,
+)
 from ..finetune.schedule import build_optimizer, lr_at, set_lr
 from ..images import ImageProcessor
 from ..tokenizer import Tokenizer

@@ -17,9 +17,9 @@ from pathlib import Path
 from ..cli_common import DEMO_MASK_CODEC
 from ..finetune.data import Example, FinetuneDataset
 from ..finetune.trainer import TrainConfig, train
+from ..loading import load_model
 from ..processor import load_processor
 from ..vqvae import MASK_CODEC_FILE, MaskCodec, load_mask_codec
-from ..loading import load_model
 from .recipe import EVAL_SEED0, SCENE_SIZE, TRAIN_SEED0, create_initial_checkpoint
 from .scenes import sample_example
 

@@ -27,12 +27,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..loading import load_model
 from ..model import PaliGemma
 from ..vqvae import MASK_CODEC_FILE
-from ..loading import load_model
 from . import lora
-from .distributed import (DistEnv, all_gather_tensor, barrier, full_model_state, full_optimizer_state,
-                          is_sharded, load_full_state)
+from .distributed import (
+    DistEnv,
+    all_gather_tensor,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_state,
+)
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"

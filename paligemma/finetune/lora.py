@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoint_layout import hub_key
 from ..errors import UsageError
 from ..model import PaliGemma
-from ..checkpoint_layout import hub_key
 
 ADAPTER_NAME = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
