@@ -134,8 +134,10 @@ def ops():
 def _build(name: str):
     try:
         from torch.utils.cpp_extension import load
-        return load(f"paligemma_kernels_{name}", sources=[str(_SOURCE)], extra_cflags=["-O3", *_FLAGS[name]],
-                    verbose=False)
+        # -fopenmp: at::parallel_for is an OpenMP loop in torch's CPU builds; without the flag its pragma is
+        # ignored and every kernel runs on one thread. The extension then shares torch's libgomp.
+        return load(f"paligemma_kernels_{name}", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp", *_FLAGS[name]], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler or headers: the next level down still works
         log.warning("paligemma: the %s kernels could not be built, falling back (%s)", name, err)
         return None
