@@ -7,7 +7,7 @@ then runs every measurement in a fresh worker process, alternating ours and tran
 so that drift in the machine's load hits both alike, and prints a markdown table of medians.
 
 Measured per (model, dtype, implementation):
-  load (s)           from_pretrained / load_model, files already in the page cache
+  load (s)           from_pretrained / load_model, files already in the page cache (read before each worker)
   peak RSS (GB)      the worker's ru_maxrss after everything below
   encode (s)         vision tower + projector, one 224 px image
   prefill (s)        256 image tokens + a 10-token prompt, up to the first token's logits
@@ -246,7 +246,17 @@ def isa_environment(isa: str | None) -> dict:
     return {"PALIGEMMA_ISA": isa, **ISA_EMULATION.get(isa, {})}
 
 
+def warm_page_cache(directory: Path) -> None:
+    """Read a checkpoint's files once, so that every worker starts with them in the page cache (a
+    float32 transformers worker needs ~17 GB and evicts them; the next load would time the disk)."""
+    for path in sorted(directory.iterdir()):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None) -> dict:
+    warm_page_cache(checkpoint_dir(model))
     cmd = [sys.executable, __file__, "--worker", impl, "--models", model, "--dtypes", dtype,
            "--threads", str(args.threads), "--inner", str(args.inner)]
     cmd += ["--quantize", quantize or ""]

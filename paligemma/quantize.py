@@ -13,7 +13,8 @@
 Which code multiplies is chosen when the layer is built, by the ISA level in force (kernels.py):
 - inputs of <= 8 rows (decode steps): the kernels' `gemv_int8` / `gemv_int4`, which stream the
   compact weights once and widen them in registers; without kernels, torch's int4 kernel
-  (`aten._weight_int4pack_mm_for_cpu`) and, for int8, the prefill path below;
+  (`aten._weight_int4pack_mm_for_cpu`) and, for int8, the prefill path below. For 2-8 rows of int4,
+  torch's kernel where it reads our layout (torch's AVX-512 build): faster there than ours;
 - larger inputs (prefill): blocks of weight rows dequantized into a reused buffer and multiplied with
   torch's GEMM, in bf16 where this CPU multiplies bf16 natively and in float32 elsewhere (torch's bf16
   GEMM is several times slower than its float32 one without AVX512-BF16).
@@ -246,23 +247,37 @@ class QuantizedLinear(nn.Module):
             matrices = matrices + [matrices[0].new_zeros(rows, self.in_features)]
         pack = pack_int4 if self.kernels is not None else pack_int4_for_torch
         packed, scales_zeros = quantize_int4(matrices, self.group_size, pack)
+        # Where torch's int4 kernel reads the kernels' layout (its AVX-512 build), it multiplies 2-8 rows
+        # ~1.3x faster than gemv_int4, which is built for one (BENCHMARKS.md, kernel microbenchmarks).
+        self.torch_reads_layout = self.kernels is None or _packs_like_torch()
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= MAX_ROWS and self.kernels is not None:
+        path = self._path(rows.shape[0])
+        if path == "kernel":
             x_bf16 = rows.to(torch.bfloat16).contiguous()  # the kernels take no strides
             y = (self.kernels.gemv_int8(x_bf16, self.qweight, self.scales) if self.mode == "int8"
                  else self.kernels.gemv_int4(x_bf16, self.packed, self.scales_zeros))
-        elif self.mode == "int4" and self.kernels is None:
+        elif path == "torch_int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), self.packed,
                                                            self.group_size, self.scales_zeros)
         else:
             y = matmul_by_row_blocks(rows.to(self.compute_dtype).contiguous(), self._stored_rows(), self.in_features,
                                      self._dequantize_block, transposed=self.mode == "int4")
         return y[:, :self.out_features].to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _path(self, num_rows: int) -> str:
+        """Which code multiplies `num_rows` input rows: "kernel", "torch_int4" or "blocks" (module docstring)."""
+        if self.mode == "int4" and self.kernels is None:
+            return "torch_int4"
+        if num_rows > MAX_ROWS or self.kernels is None:
+            return "blocks"
+        if self.mode == "int4" and num_rows > 1 and self.torch_reads_layout:
+            return "torch_int4"
+        return "kernel"
 
     def _stored_rows(self) -> int:
         return self.qweight.shape[0] if self.mode == "int8" else self.packed.shape[0]  # int4: padded

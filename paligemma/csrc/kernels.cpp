@@ -52,6 +52,12 @@ static inline void vload_nibbles(const uint8_t* p, vf& low, vf& high) {
   low = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
   high = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
+// W (first, second) bf16 pairs, interleaved in memory, as two float32 vectors.
+static inline void vload_pairs(const at::BFloat16* p, vf& first, vf& second) {
+  const __m512i v = _mm512_loadu_si512((const void*)p);
+  first = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  second = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF0000)));
+}
 static inline void vstore(at::BFloat16* p, vf v) {  // round to nearest even
   _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -96,6 +102,11 @@ static inline void vload_nibbles(const uint8_t* p, vf& low, vf& high) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
   low = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
   high = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+static inline void vload_pairs(const at::BFloat16* p, vf& first, vf& second) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  first = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  second = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000)));
 }
 static inline void vstore(at::BFloat16* p, vf v) {
   // Round to nearest even, as at::BFloat16 does: add 0x7FFF plus the lowest kept bit, keep the top 16.
@@ -468,12 +479,9 @@ static void check_int4(const torch::Tensor& packed, const torch::Tensor& sz) {
               sz.size(2) == 2 && K % sz.size(0) == 0 && (K / sz.size(0)) % 2 == 0, "scales_zeros: contiguous (K/G, N, 2) bf16");
 }
 
-// (scale, zero) of rows n .. n + 63 for one group, as float32 arrays.
-static inline void block_scales(const at::BFloat16* sz, int64_t g, int64_t N, int64_t n, float* scale, float* zero) {
-  for (int r = 0; r < 64; ++r) {
-    scale[r] = float(sz[(g * N + n + r) * 2]);
-    zero[r] = float(sz[(g * N + n + r) * 2 + 1]);
-  }
+// (scale, zero) of rows n .. n + 63 for one group, as float32 vectors (rows v*W .. v*W + W - 1 in [v]).
+static inline void block_scales(const at::BFloat16* sz, int64_t g, int64_t N, int64_t n, vf* scale, vf* zero) {
+  for (int v = 0; v < 64 / W; ++v) vload_pairs(sz + (g * N + n + v * W) * 2, scale[v], zero[v]);
 }
 
 // The 64 q values (0..15) of one input column of a 64-row block, from its 32 bytes: byte i holds row i in
@@ -495,14 +503,14 @@ static void dequantize_int4_into(const uint8_t* packed, const at::BFloat16* sz, 
   const int64_t groups = K / G;
   at::parallel_for(0, n / 64, 1, [&](int64_t b0, int64_t b1) {
     const vf eight = vset1(8.f);
-    alignas(64) float scale[64], zero[64];
+    vf scale[64 / W], zero[64 / W];
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* block = packed + (n0 / 64 + b) * K * 32;
       for (int64_t g = 0; g < groups; ++g) {
         block_scales(sz, g, N, n0 + 64 * b, scale, zero);
         for (int64_t k = g * G; k < (g + 1) * G; ++k)
           block_column(block + k * 32, [&](int v, vf q) {
-            vstore(out + k * n + 64 * b + v * W, vfma(vsub(q, eight), vload(scale + v * W), vload(zero + v * W)));
+            vstore(out + k * n + 64 * b + v * W, vfma(vsub(q, eight), scale[v], zero[v]));
           });
       }
     }
@@ -547,7 +555,8 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz)
   auto* yp = y.data_ptr<at::BFloat16>();
   constexpr int V = 64 / W;  // vectors per block of 64 rows
   at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float scale[64], zero[64], out[64];
+    alignas(64) float out[64];
+    vf scale[V], zero[V];
     std::vector<float> unpacked(M > 1 ? G * 64 : 0);  // (G, 64) nibbles of one group, as float32
     vf total[8 * V];  // (M, 64 rows) output sums of the block
     for (int64_t b = b0; b < b1; ++b) {
@@ -575,8 +584,8 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz)
           const float xs = xsums[m * groups + g];
           const vf xsum = vset1(xs), minus_8xsum = vset1(-8.f * xs);
           for (int v = 0; v < V; ++v) {  // total += scale * (acc - 8 sum(x)) + zero * sum(x)
-            const vf with_zero = vfma(vload(zero + v * W), xsum, total[m * V + v]);
-            total[m * V + v] = vfma(vadd(acc[v], minus_8xsum), vload(scale + v * W), with_zero);
+            const vf with_zero = vfma(zero[v], xsum, total[m * V + v]);
+            total[m * V + v] = vfma(vadd(acc[v], minus_8xsum), scale[v], with_zero);
           }
         }
       }

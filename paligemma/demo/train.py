@@ -14,11 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli_common import DEMO_MASK_CODEC
+from ..cli_common import DEMO_MASK_CODEC, load
 from ..finetune.data import Example, FinetuneDataset
 from ..finetune.trainer import TrainConfig, train
-from ..loading import load_model
-from ..processor import load_processor
 from ..vqvae import MASK_CODEC_FILE, MaskCodec, load_mask_codec
 from .recipe import EVAL_SEED0, SCENE_SIZE, TRAIN_SEED0, create_initial_checkpoint
 from .scenes import sample_example
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         create_initial_checkpoint(init, seed=args.seed, vision_tower=args.vision_init)
     elif args.vision_init:
         raise SystemExit("--vision-init only applies to a fresh start (no --init, no existing init/)")
-    model, processor = load_model(init), load_processor(init)
+    model, processor, _ = load(init)  # the mask codec, if any, is chosen below
     codec, extra_files = None, ()
     if args.segment:
         codec = load_mask_codec(DEMO_MASK_CODEC)
