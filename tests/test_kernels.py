@@ -176,3 +176,29 @@ def test_a_failed_build_falls_to_the_next_level(monkeypatch):
         return None if name == "avx512bf16" else real_build(name)
     monkeypatch.setattr(kernels, "_build", failing_build)
     assert kernels.ops().isa() == "avx2"
+
+
+def test_kernels_split_work_over_threads_with_the_same_results(ops):
+    """Each output row is computed by one thread, so any thread count gives identical bits (the rest of
+    the suite runs at 1 thread, conftest.one_thread)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 512, generator=g).bfloat16()
+    w = (torch.randn(448, 512, generator=g) * 0.02).bfloat16()
+    q, scales = torch.empty(448, 512, dtype=torch.int8), torch.empty(448, 2)
+    packed, scales_zeros = quantize_int4(w.float(), 64)
+    results = []
+    for threads in (1, 4):  # more threads than tasks per thread on a 2-core machine: uneven splits
+        torch.set_num_threads(threads)
+        try:
+            ops.quantize_int8(w, q, scales)
+            dequantized = torch.empty(448, 512)
+            ops.dequantize_int8(q, scales, dequantized)
+            transposed = torch.empty(512, 448)
+            ops.dequantize_int4(packed, scales_zeros, 0, transposed)
+            results.append([ops.gemv_bf16(x, w), q.clone(), scales.clone(), dequantized, ops.gemv_int8(x, q, scales),
+                            transposed, ops.gemv_int4(x, packed, scales_zeros),
+                            ops.gemv_int4(x[:1], packed, scales_zeros)])
+        finally:
+            torch.set_num_threads(1)
+    for one, many in zip(*results):
+        assert torch.equal(one, many)
