@@ -85,8 +85,13 @@ class GemmaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_idx, slots, k, v)  # now every filled slot: (B, KV, S, hd)
-        out = attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
+        out = self.attend(q, k, v, mask)  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`attention` with this layer's scale and soft-cap; a method so that inference.py can change
+        the arithmetic it runs in."""
+        return attention(q, k, v, mask, self.scale, self.softcap)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, D) -> q (B, T, H*hd), k and v (B, T, KV*hd). A method of its own so that inference.py
