@@ -125,10 +125,11 @@ def _group_by_file(sources: dict) -> dict[Path, list[tuple[str, str]]]:
 
 def save_model(model: nn.Module, directory: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
     """config.json + model.safetensors (or shards and an index past `max_shard_bytes`), Hub key layout."""
+    # The state dict first: a model that has none (quantized) raises before anything is written.
+    tensors = {hub_key(name): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tensors = {hub_key(name): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     write_shards(tensors, directory, max_shard_bytes)
