@@ -98,8 +98,9 @@ def level() -> str:
 
 
 def supported_levels() -> list[str]:
-    """Every level this machine can run, best first (what the tests sweep)."""
-    return list(LEVELS[LEVELS.index(cpu_level()):])
+    """Every level this machine can run under the cap in force (PALIGEMMA_ISA), best first: what the
+    tests sweep."""
+    return list(LEVELS[LEVELS.index(level()):])
 
 
 @contextlib.contextmanager
@@ -162,16 +163,16 @@ def scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     return buffer[:numel].view(shape)
 
 
-def matmul_by_row_blocks(x: torch.Tensor, out_features: int, in_features: int, fill_block, transposed: bool = False,
-                         block_multiple: int = 64) -> torch.Tensor:
+def matmul_by_row_blocks(x: torch.Tensor, out_features: int, in_features: int, fill_block,
+                         transposed: bool = False) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype, for a weight W (N, K) held in some compact form.
 
     `fill_block(start, buffer)` writes weight rows start .. start + rows into `buffer`, a scratch tensor
-    of x's dtype shaped (rows, K), or (K, rows) when `transposed`; rows is a multiple of `block_multiple`
-    except for the last block.
+    of x's dtype shaped (rows, K), or (K, rows) when `transposed`; rows is a multiple of 64 (the int4
+    dequantizer fills whole 64-row blocks) except for the last block.
     """
-    itemsize = x.element_size()
-    block = max(block_multiple, BLOCK_BUFFER_BYTES // (itemsize * in_features) // block_multiple * block_multiple)
+    rows_per_64 = BLOCK_BUFFER_BYTES // (x.element_size() * in_features) // 64
+    block = 64 * max(1, rows_per_64)
     out = x.new_empty(x.shape[0], out_features)
     for start in range(0, out_features, block):
         rows = min(block, out_features - start)
