@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import PaliGemmaError
-from .kernels import MAX_ROWS, level, matmul_by_row_blocks, native_bf16, ops
+from .kernels import MAX_ROWS, level, matmul_by_row_blocks, native_bf16, ops, scratch
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -145,17 +145,16 @@ def _by_row_blocks(parts: list[torch.Tensor], group_size: int, quantize_block, o
     over the rows of `parts` stacked in order: fused projections are never concatenated in float."""
     if len(parts) > 1 and any(part.shape[0] % 64 for part in parts):
         parts = [torch.cat(parts)]  # a 64-row block of the packed layout would straddle two parts
-    scratch = torch.empty(0)  # float32 rows, reused: a fresh tensor per block would page-fault each time
     offset = 0
     for part in parts:
         n = part.shape[0]
         block = _ROW_BLOCK if n % 64 == 0 else n
         for start in range(0, n, block):
             count = min(block, n - start)
-            if scratch.shape[0] < count:
-                scratch = torch.empty(count, part.shape[1])
             rows = slice(offset + start, offset + start + count)
-            quantized = quantize_block(scratch[:count].copy_(part[start:start + count]), group_size)
+            # float32 rows in a reused buffer: a fresh tensor per block would page-fault each time
+            block_rows = scratch((count, part.shape[1]), torch.float32).copy_(part[start:start + count])
+            quantized = quantize_block(block_rows, group_size)
             for out, dim, values in zip(outputs, row_dims, quantized):
                 out[(slice(None),) * dim + (rows,)] = values
         offset += n
