@@ -38,6 +38,7 @@ from .images import load_image
 from .sampling import SamplingParams
 from .segmentation import parse_segmentations
 from .tasks import parse_detections, prompt_task
+from .visualize import answer_attention, check_figure_path, plot_answer_attention, plot_token_attention
 from .vqvae import MASK_CODEC_FILE
 
 EXIT_USER_ERROR = 2  # bad arguments, files, checkpoints, images (argparse uses 2 as well)
@@ -125,6 +126,11 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--draw", metavar="OUT.png",
                         help="write the image with the detected boxes or segment masks, or the answer text below it")
+    parser.add_argument("--attention-map", metavar="OUT.png",
+                        help="write where each answer token looked in the image: a row per decoder layer, a column "
+                             "per token, heads averaged (needs matplotlib; docs/tour.md)")
+    parser.add_argument("--attention-token", type=int, metavar="I",
+                        help="with --attention-map: answer token I's map in every layer and head instead")
     model = parser.add_argument_group("model")
     add_model_arguments(model)
     add_mask_codec_argument(model)
@@ -140,6 +146,10 @@ def run_generate(args: argparse.Namespace) -> int:
     parse_device(args.device)
     if args.draw:
         _check_draw_path(Path(args.draw))
+    if args.attention_token is not None and not args.attention_map:
+        raise UsageError("--attention-token needs --attention-map OUT.png")
+    if args.attention_map:
+        check_figure_path(args.attention_map)  # matplotlib present, format known, no file overwritten
     image = Image.fromarray(load_image(_image(args.model, args.image)))  # upright RGB; boxes map back to its size
 
     task = prompt_task(args.prompt)
@@ -184,6 +194,12 @@ def run_generate(args: argparse.Namespace) -> int:
             draw_masks(image, segments.objects, args.draw)
         else:
             draw_caption(image, result.text, args.draw)
+    if args.attention_map:
+        attention = answer_attention(model, processor, image, args.prompt, result.token_ids)
+        if args.attention_token is None:
+            plot_answer_attention(image, attention, args.attention_map)
+        else:
+            plot_token_attention(image, attention, args.attention_token, args.attention_map)
     return 0
 
 
