@@ -50,6 +50,7 @@ _PLUGINS = [
     ("finetune", "paligemma.finetune.cli", "fine-tune a checkpoint on your data"),
     ("serve", "paligemma.server.cli", "serve a model over HTTP"),
     ("demo-eval", "paligemma.demo.cli", "evaluate a model on the demo shapes world"),
+    ("convert", "paligemma.convert_cli", "convert big_vision .npz checkpoints to and from HF folders"),
 ]
 
 # PaliGemmaError: bad settings, checkpoints, images, data (paligemma/errors.py); OSError: files that

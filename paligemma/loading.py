@@ -11,27 +11,40 @@ from pathlib import Path
 
 import torch
 
+from .bigvision_npz import load_npz_weights, npz_config
 from .checkpoint_layout import load_weights
 from .config import PaliGemmaConfig
+from .errors import UsageError
 from .hub import resolve_checkpoint
 from .inference import optimize_for_inference
 from .model import PaliGemma
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               quantize: str | None = None, optimize: bool = False) -> PaliGemma:
+               quantize: str | None = None, optimize: bool = False,
+               config: PaliGemmaConfig | str | None = None) -> PaliGemma:
     """Load a PaliGemma checkpoint directory (or Hub repo id) in HF layout, in eval mode.
+
+    A path ending in .npz is a big_vision checkpoint (bigvision_npz.py); it holds no config, so
+    `config` names it: a preset ("paligemma-3b-224", "paligemma2-3b-448", ...), a config.json path or
+    a PaliGemmaConfig.
 
     dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in).
     optimize=True rewrites the model for fast inference (fused, prepacked matrices; see inference.py):
     same outputs, but it can no longer be trained. quantize="int8" | "int4" (CPU) also makes the
     decoder's weights and the LM head weight-only quantized, implying optimize.
     """
-    directory = resolve_checkpoint(path)
-    config = PaliGemmaConfig.from_json_file(directory / "config.json")
-    with torch.device("meta"):
-        model = PaliGemma(config)
-    load_weights(model, directory, dtype, device)  # the model holds the only references: optimizing frees them
+    if str(path).endswith(".npz"):
+        with torch.device("meta"):
+            model = PaliGemma(npz_config(config))
+        load_npz_weights(model, path, dtype, device)
+    else:
+        if config is not None:
+            raise UsageError("config= is for big_vision .npz files; a checkpoint directory has its config.json")
+        directory = resolve_checkpoint(path)
+        with torch.device("meta"):
+            model = PaliGemma(PaliGemmaConfig.from_json_file(directory / "config.json"))
+        load_weights(model, directory, dtype, device)  # the model holds the only references: optimizing frees them
     if quantize is not None or optimize:
         optimize_for_inference(model, quantize=quantize)
     return model.eval()
