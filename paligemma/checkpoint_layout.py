@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,21 +58,67 @@ def hub_key(name: str) -> str:
 
 
 def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", headers: list | None = None) -> None:
     """Fill `model` (a PaliGemma built on the meta device) from the safetensors files in `directory`.
 
-    dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in). Tensors are
-    assigned, not copied (see safetensors_io.read_tensors), so peak memory stays near one copy.
+    dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in), except
+    float16, which is upcast to float32 with a warning (Gemma's activations overflow float16; ask
+    for dtype=torch.float16 to keep it). Tensors are assigned, not copied (see
+    safetensors_io.read_tensors), so peak memory stays near one copy. `headers`: those
+    `checkpoint_headers` returned, if the caller has them.
     """
-    files = checkpoint_files(directory)
+    if headers is None:
+        headers = checkpoint_headers(directory)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    sources = match_tensors(tensor_headers(files), expected, model.config.tie_word_embeddings)
+    sources = match_tensors(headers, expected, model.config.tie_word_embeddings)
     if dtype is None:
         dtype = _majority_dtype(sources)
+        if dtype == torch.float16:
+            warnings.warn(f"{directory} stores its weights in float16: loading them as float32, because Gemma's "
+                          "activations overflow float16 (pass dtype=torch.float16 to keep it, or torch.bfloat16 "
+                          "for half the memory)", stacklevel=3)
+            dtype = torch.float32
     state = {}
     for file, names in _group_by_file(sources).items():
         state.update(read_tensors(file, names, dtype, device))
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def checkpoint_headers(directory: Path, config=None) -> list[tuple[Path, str, tuple[int, ...], str]]:
+    """(file, key, shape, dtype name) of every tensor of the checkpoint in `directory`, headers only.
+
+    With `config` (a PaliGemmaConfig), its layer counts are checked against the tensors first, so a
+    config.json that disagrees with its weights (say 6000 decoder layers) is refused before a model
+    is built from it.
+    """
+    headers = list(tensor_headers(checkpoint_files(directory, holds_weights=_holds_decoder_weights)))
+    if config is not None:
+        for field, prefix, what in (("text_config.num_hidden_layers", "language_model.layers.", "decoder"),
+                                    ("vision_config.num_hidden_layers", "vision_tower.encoder.layers.", "vision")):
+            tower = config.text if field.startswith("text") else config.vision
+            stored = _layer_count(headers, prefix)
+            if stored != tower.num_hidden_layers:
+                raise CheckpointError(f"config.json {field} is {tower.num_hidden_layers} but the checkpoint holds "
+                                      f"{stored} {what} layers: the config does not belong to these weights")
+    return headers
+
+
+def _layer_count(headers, prefix: str) -> int:
+    """How many layers `prefix`N. the tensors hold (one more than the highest N)."""
+    highest = -1
+    for _, key, _, _ in headers:
+        name = canonical_key(key)
+        if name.startswith(prefix):
+            number = name[len(prefix):].split(".", 1)[0]
+            if number.isdigit():
+                highest = max(highest, int(number))
+    return highest + 1
+
+
+def _holds_decoder_weights(keys: list[str]) -> bool:
+    """Whether a safetensors file's tensor names include the decoder's: a PaliGemma weights file, not a
+    mask codec, an optimizer state or a lone vision tower."""
+    return any(canonical_key(key).startswith("language_model.") for key in keys)
 
 
 def match_tensors(headers: Iterable[tuple[Path, str, tuple[int, ...], str]], expected: dict[str, tuple],

@@ -115,6 +115,8 @@ class TextConfig:
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"text_config.layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_hidden_layers} layers")
+        if not all(isinstance(kind, str) for kind in self.layer_types):
+            raise ConfigError(f"text_config.layer_types must be a list of strings, got {self.layer_types!r}")
         unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
         if unknown:
             raise ConfigError(f"text_config.layer_types has unknown entries {sorted(unknown)}")
@@ -201,30 +203,36 @@ class PaliGemmaConfig:
         vision = VisionConfig(**_pick(vision_raw, VisionConfig, vision_required, "vision_config."))
 
         # Cross-checks between the three places sizes are repeated in an HF config.
-        for where, value in (("projection_dim", raw.get("projection_dim")),
-                             ("vision_config.projection_dim", vision_raw.get("projection_dim"))):
+        for where, value in (("projection_dim", _optional_int(raw, "projection_dim", "projection_dim")),
+                             ("vision_config.projection_dim",
+                              _optional_int(vision_raw, "projection_dim", "vision_config.projection_dim"))):
             if value is not None and value != text.hidden_size:
                 raise ConfigError(f"{where} ({value}) must equal text_config.hidden_size ({text.hidden_size}): "
                                   "the projector maps image features into the decoder's width")
-        for where, value in (("text_config.num_image_tokens", text_raw.get("num_image_tokens")),
-                             ("vision_config.num_image_tokens", vision_raw.get("num_image_tokens"))):
+        for where, value in (("text_config.num_image_tokens",
+                              _optional_int(text_raw, "num_image_tokens", "text_config.num_image_tokens")),
+                             ("vision_config.num_image_tokens",
+                              _optional_int(vision_raw, "num_image_tokens", "vision_config.num_image_tokens"))):
             if value is not None and value != vision.num_patches:
                 raise ConfigError(f"{where} ({value}) does not match (image_size / patch_size)^2 = "
                                   f"({vision.image_size} / {vision.patch_size})^2 = {vision.num_patches}")
-        top_vocab = raw.get("vocab_size")
+        top_vocab = _optional_int(raw, "vocab_size", "vocab_size")
         if top_vocab is not None and top_vocab > text.vocab_size:
             raise ConfigError(f"vocab_size ({top_vocab}) is larger than text_config.vocab_size ({text.vocab_size})")
 
-        image_token_index = raw.get("image_token_index", raw.get("image_token_id", 257152))
+        image_token_index = _optional_int(raw, "image_token_index", "image_token_index",
+                                          _optional_int(raw, "image_token_id", "image_token_id", 257152))
         known = {"text_config", "vision_config", "image_token_index", "image_token_id", "pad_token_id",
                  "eos_token_id", "bos_token_id", "tie_word_embeddings", "torch_dtype", "dtype"}
-        eos = raw.get("eos_token_id", 1)
+        raw_eos = raw.get("eos_token_id")
+        eos = {"eos_token_id": raw_eos[0]} if isinstance(raw_eos, list) and raw_eos else raw  # a list: the first id
+        # Absent or null: transformers' defaults.
         return cls(
             vision=vision, text=text,
-            image_token_index=_as_int(image_token_index, "image_token_index"),
-            pad_token_id=_as_int(raw.get("pad_token_id", 0), "pad_token_id"),
-            eos_token_id=_as_int(eos[0] if isinstance(eos, list) else eos, "eos_token_id"),
-            bos_token_id=_as_int(raw.get("bos_token_id", 2), "bos_token_id"),
+            image_token_index=image_token_index,
+            pad_token_id=_optional_int(raw, "pad_token_id", "pad_token_id", 0),
+            eos_token_id=_optional_int(eos, "eos_token_id", "eos_token_id", 1),
+            bos_token_id=_optional_int(raw, "bos_token_id", "bos_token_id", 2),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
             torch_dtype=raw.get("torch_dtype", raw.get("dtype")),
             extra={k: v for k, v in raw.items() if k not in known},
@@ -349,10 +357,23 @@ def _pick(raw: dict, cls: type, required: list[str], prefix: str) -> dict:
     return kwargs
 
 
+# Every integer in a config is a size, count or token id: anything larger is a broken or hostile file.
+_MAX_INT = 2**31 - 1
+
+
 def _as_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    """`value` as an int if it is a whole number within +-_MAX_INT (5.0 is 5), else a ConfigError naming `name`."""
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole:
         raise ConfigError(f"config.json field '{name}' must be an integer, got {value!r}")
+    if abs(value) > _MAX_INT:
+        raise ConfigError(f"config.json field '{name}' is {value!r}, out of range (at most {_MAX_INT})")
     return int(value)
+
+
+def _optional_int(raw: dict, key: str, name: str, default: int | None = None) -> int | None:
+    """raw[key] as an int (see `_as_int`), or `default` when it is absent or null."""
+    return default if raw.get(key) is None else _as_int(raw[key], name)
 
 
 def _check_positive(obj, prefix: str, names: list[str]) -> None:

@@ -19,7 +19,7 @@ import mmap
 import os
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,36 +36,97 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, checking the index and refusing pickles."""
+def checkpoint_files(directory: Path, holds_weights: Callable[[list[str]], bool] | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint directory, checking the index and refusing pickles.
+
+    Every file must lie in `directory` itself: an index naming `../x`, `/abs/x` or `sub/x`, or a symbolic
+    link leading out of the folder, is refused (a Hub cache snapshot's links into its own `blobs/` are
+    fine). Without an index or model.safetensors, the one .safetensors file whose tensor names pass
+    `holds_weights` is taken (a mask codec or optimizer state next to the weights is not the model).
+    """
     index = directory / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err!r}); "
-                                  "re-download the checkpoint") from None
-        pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
-        if pickles:
-            raise CheckpointError(_pickle_message(directory, pickles))
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{directory} is missing shard(s) {missing} listed in {INDEX_FILE}; "
-                                  "the download is incomplete: fetch the checkpoint again")
-        return [directory / n for n in names]
-    if (directory / SINGLE_FILE).is_file():
-        return [directory / SINGLE_FILE]
+        files = [directory / name for name in _index_names(directory, index)]
+    elif (directory / SINGLE_FILE).is_file():
+        files = [directory / SINGLE_FILE]
+    else:
+        files = _only_weights_file(directory, holds_weights)
+    for file in files:
+        _check_inside(file, directory)
+    return files
+
+
+def _index_names(directory: Path, index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError("weight_map values must be file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({err!r}); "
+                              "re-download the checkpoint") from None
+    outside = [name for name in names if not _is_plain_name(name)]
+    if outside:
+        raise CheckpointError(f"{index} names files outside the checkpoint folder ({', '.join(map(repr, outside))}); "
+                              "an index may only list file names in its own folder: this checkpoint cannot be "
+                              "trusted, fetch it again from its source")
+    pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise CheckpointError(_pickle_message(directory, pickles))
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory} is missing shard(s) {missing} listed in {INDEX_FILE}; "
+                              "the download is incomplete: fetch the checkpoint again")
+    return names
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name with no folder part: not absolute, no separator, not "." or ".."."""
+    return (name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def _check_inside(file: Path, directory: Path) -> None:
+    """Refuse a weights file that is, or links to, a file outside `directory`."""
+    real, root = file.resolve(), directory.resolve()
+    if real.parent == root:
+        return
+    # huggingface_hub's cache: <repo>/snapshots/<revision>/<name> links to <repo>/blobs/<hash>.
+    if root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs":
+        return
+    raise CheckpointError(f"{file} leads to {real}, outside the checkpoint folder {directory}; weights are only "
+                          "read from the checkpoint's own folder: copy the file there if you trust it")
+
+
+def _only_weights_file(directory: Path, holds_weights: Callable[[list[str]], bool] | None) -> list[Path]:
+    """The single .safetensors file of `directory` holding model weights; a clear error otherwise."""
     found = sorted(directory.glob("*.safetensors"))
-    if len(found) == 1:
-        return found
+    weights = []
+    for path in found:
+        keys = None if holds_weights is None else _keys_or_none(path)
+        if keys is None or holds_weights(keys):  # an unreadable file stays, to be reported as unreadable
+            weights.append(path)
+    if len(weights) == 1:
+        return weights
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(_pickle_message(directory, pickles))
-    if found:
-        raise CheckpointError(f"{directory} has several .safetensors files but no {INDEX_FILE} saying which "
-                              "belong to the model")
-    raise CheckpointError(f"{directory} holds no model weights: expected {SINGLE_FILE} or shards with {INDEX_FILE}")
+    if weights:
+        raise CheckpointError(f"{directory} has several .safetensors files with model weights "
+                              f"({', '.join(p.name for p in weights)}) but no {INDEX_FILE} saying which belong "
+                              "to the model")
+    others = f" ({', '.join(p.name for p in found)} hold other things)" if found else ""
+    raise CheckpointError(f"{directory} holds no model weights: expected {SINGLE_FILE} or shards with "
+                          f"{INDEX_FILE}{others}")
+
+
+def _keys_or_none(path: Path) -> list[str] | None:
+    """The tensor names in a safetensors file's header, or None if it cannot be read."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return list(handle.keys())
+    except Exception:  # safetensors raises several types for a bad header; the loader reports it later
+        return None
 
 
 def _pickle_message(directory: Path, names: list[str]) -> str:
