@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .bigvision_npz import load_npz_weights, npz_config
-from .checkpoint_layout import load_weights
+from .checkpoint_layout import checkpoint_headers, load_weights
 from .config import PaliGemmaConfig
 from .errors import UsageError
 from .hub import resolve_checkpoint
@@ -29,7 +29,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     `config` names it: a preset ("paligemma-3b-224", "paligemma2-3b-448", ...), a config.json path or
     a PaliGemmaConfig.
 
-    dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in).
+    dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in), but
+    float16 becomes float32 with a warning (Gemma overflows in float16); dtype=torch.float16 keeps it.
     optimize=True rewrites the model for fast inference (fused, prepacked matrices; see inference.py):
     same outputs, but it can no longer be trained. quantize="int8" | "int4" (CPU) also makes the
     decoder's weights and the LM head weight-only quantized, implying optimize.
@@ -42,9 +43,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         if config is not None:
             raise UsageError("config= is for big_vision .npz files; a checkpoint directory has its config.json")
         directory = resolve_checkpoint(path)
+        checkpoint_config = PaliGemmaConfig.from_json_file(directory / "config.json")
+        # Headers first: a config.json at odds with its weights (6000 layers) fails before the model is built.
+        headers = checkpoint_headers(directory, checkpoint_config)
         with torch.device("meta"):
-            model = PaliGemma(PaliGemmaConfig.from_json_file(directory / "config.json"))
-        load_weights(model, directory, dtype, device)  # the model holds the only references: optimizing frees them
+            model = PaliGemma(checkpoint_config)
+        # The model holds the only references: optimizing frees them.
+        load_weights(model, directory, dtype, device, headers=headers)
     if quantize is not None or optimize:
         optimize_for_inference(model, quantize=quantize)
     return model.eval()
