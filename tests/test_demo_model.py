@@ -8,10 +8,11 @@ from PIL import Image
 
 import paligemma
 from paligemma.cli import main
-from paligemma.cli_common import DEMO_MODEL_DIR, EXAMPLE_IMAGE
+from paligemma.cli_common import DEMO_MASK_CODEC, DEMO_MODEL_DIR, EXAMPLE_IMAGE
+from paligemma.demo import evaluate
 from paligemma.demo.evaluate import evaluate_demo
 from paligemma.demo.recipe import EVAL_SEED0
-from paligemma.demo.scenes import caption, generate_scene
+from paligemma.demo.scenes import SHAPES, caption, generate_scene, scene_examples
 
 EXAMPLE_SEED = 1_000_005_024
 PROMPTS = ["caption en", "detect circle", "detect square", "answer en how many circles are there?",
@@ -88,3 +89,49 @@ def test_cli_default_model_detects_and_draws(tmp_path, capsys):
     assert result["detection_errors"] == [] and all(d["label"] == "circle" for d in result["detections"])
     with Image.open(out) as drawn:
         assert drawn.size[0] >= 224
+
+
+def test_multiclass_scores_from_written_answers(monkeypatch):
+    """evaluate_multiclass on answers written from the scenes (a perfect model), then with every label
+    swapped for another shape: recall and precision fall to 0 and the labels count as not asked for."""
+    from paligemma.vqvae import load_mask_codec
+
+    codec = load_mask_codec(DEMO_MASK_CODEC)
+    seed0, n = EVAL_SEED0 + 40_006, 8  # scene 40_013's pair names only absent shapes
+    truth = {generate_scene(seed0 + i).image.tobytes(): generate_scene(seed0 + i) for i in range(n)}
+    prompts_seen = []
+
+    def perfect(model, processor, images, prompts, max_new_tokens):
+        prompts_seen.extend(prompts)
+        return [dict(scene_examples(truth[image.tobytes()], codec, multiclass=True))[prompt]
+                for image, prompt in zip(images, prompts)]
+
+    monkeypatch.setattr(evaluate, "generate", perfect)
+    scenes = list(truth.values())
+    scores = evaluate.evaluate_multiclass(None, None, scenes, seed0, batch_size=5, codec=codec)
+    assert len(prompts_seen) == 3 * n and scores.detect_prompts == 2 * n
+    assert {p.count(";") for p in prompts_seen if p.startswith("detect")} == {1, 2}
+    assert all(p.count(";") == 1 for p in prompts_seen if p.startswith("segment"))
+    assert len({p for p in prompts_seen if p.count(";") == 2}) > 1  # the labels' order varies
+    assert (scores.detection_recall, scores.detection_precision, scores.absent_classes_empty) == (1.0, 1.0, 1.0)
+    assert scores.unasked_labels == scores.malformed_detect_answers == scores.malformed_segment_answers == 0
+    assert 0.9 < scores.segmentation_miou < 1.0
+
+    swap = {s: SHAPES[(i + 1) % 3] for i, s in enumerate(SHAPES)}
+
+    def relabelled(model, processor, images, prompts, max_new_tokens):
+        answers = perfect(model, processor, images, prompts, max_new_tokens)
+        return [" ; ".join(f"{part.rsplit(' ', 1)[0]} {swap[part.rsplit(' ', 1)[1]]}" for part in a.split(" ; ") if a)
+                for a in answers]
+
+    monkeypatch.setattr(evaluate, "generate", relabelled)
+    wrong = evaluate.evaluate_multiclass(None, None, scenes, seed0, codec=None)
+    assert (wrong.detection_recall, wrong.detection_precision) == (0.0, 0.0)  # objects never overlap
+    assert wrong.unasked_labels > 0 and wrong.segmentation_miou is None
+
+    monkeypatch.setattr(evaluate, "generate", perfect)
+    demo = evaluate_demo(None, None, num_scenes=n, seed0=seed0, codec=codec, multiclass=True)
+    assert demo.multiclass == scores and demo.as_dict()["multiclass"]["detection_recall"] == 1.0
+    assert "| multi-class detection recall (IoU >= 0.5) | 100.0% |" in demo.table()
+    plain = evaluate_demo(None, None, num_scenes=n, seed0=seed0)
+    assert plain.multiclass is None and "multiclass" not in plain.as_dict() and "multi-class" not in plain.table()

@@ -31,7 +31,7 @@ from paligemma.demo.scenes import (
     segment_prompt,
     write_dataset_jsonl,
 )
-from paligemma.tasks import encode_box, parse_detections
+from paligemma.tasks import encode_box, parse_detections, split_objects
 
 N_SEEDS = 200
 DETECT_RE = re.compile(r"^(<loc\d{4}>){4} (circle|square|triangle)$")
@@ -327,3 +327,77 @@ def test_mask_iou():
     assert mask_iou(a, a) == 1.0 and mask_iou(a, b) == pytest.approx(4 / 12)
     with pytest.raises(ValueError, match="shapes"):
         mask_iou(a, np.zeros((4, 5), bool))
+
+
+# ---------------------------------------------------------------------- multi-class prompts
+
+def truth_of(scene, labels):
+    return [o for o in scene.objects if o.shape in labels]
+
+
+def test_multiclass_prompts_and_answers(many_scenes, random_codec):
+    """`detect A ; B`: objects of every asked shape, in the scene's canonical order whatever the order
+    of the labels, each with its own label; an absent shape adds nothing."""
+    assert detect_prompt(["triangle", "circle"]) == "detect triangle ; circle"
+    assert segment_prompt(("square", "circle")) == "segment square ; circle"
+    assert detect_prompt("circle") == "detect circle"
+    for bad in (["circle", "hexagon"], []):
+        with pytest.raises(ValueError, match="shapes are among"):
+            detect_prompt(bad)
+    for scene in many_scenes[:60]:
+        for labels in scenes.multiclass_label_lists("detect_multi"):
+            answer = detect_answer(scene, labels)
+            assert answer == detect_answer(scene, labels[::-1])  # the prompt's order does not matter
+            result = parse_detections(answer, (scene.size,) * 2)
+            truth = truth_of(scene, labels)
+            assert not result.errors and [d.label for d in result.objects] == [o.shape for o in truth]
+            assert all(np.allclose(d.box, o.box, atol=0.5) for d, o in zip(result.objects, truth))
+            single = {part for shape in labels for part in detect_answer(scene, shape).split(" ; ") if part}
+            assert set(split_objects(answer)) == single  # the single-class answers' objects, merged
+        for labels in scenes.multiclass_label_lists("segment_multi"):
+            parts = split_objects(segment_answer(scene, labels, random_codec))
+            assert [SEGMENT_RE.match(p).group(3) for p in parts] == [o.shape for o in truth_of(scene, labels)]
+    scene = generate_scene(1_000_005_024)  # the README's example: purple circle, red triangle, green circle
+    assert [o.shape for o in scene.objects] == ["circle", "triangle", "circle"]
+    assert [d.label for d in parse_detections(detect_answer(scene, ["triangle", "circle"]), (224, 224)).objects] \
+        == ["circle", "triangle", "circle"]
+    assert detect_answer(scene, ["square", "triangle"]) == detect_answer(scene, "triangle")
+
+
+def test_segment_sampling_is_unchanged(shipped_codec):
+    """Stages 2-6 of the demo model trained on these exact examples: adding multi-class prompts must not
+    move one (the hash was taken before they existed)."""
+    digest = hashlib.sha256()
+    for seed in range(100):
+        digest.update(json.dumps(sample_example(seed, codec=shipped_codec)[1:]).encode())
+    assert digest.hexdigest() == "3ff3ac4df1beed9ffb13cc85c3138ae93be798d35674b6c627d7c3e027432298"
+
+
+def test_multiclass_mix(random_codec):
+    """MULTICLASS_TASK_MIX draws labels in random order, absent shapes included, and labels appear in the
+    prompt only; the older mixes are untouched (their pins above)."""
+    assert sum(scenes.MULTICLASS_TASK_MIX.values()) == pytest.approx(1.0)
+    tasks, label_counts, orders, all_absent = Counter(), Counter(), set(), 0
+    for seed in range(400):
+        scene = generate_scene(seed)
+        task, prefix, suffix = sample_task(scene, np.random.default_rng(seed), random_codec, scenes.MULTICLASS_TASK_MIX)
+        tasks[task] += 1
+        assert (prefix, suffix) in scene_examples(scene, random_codec, multiclass=True)
+        if task not in scenes.MULTICLASS_LABELS:
+            continue
+        labels = prefix.split(" ", 1)[1].split(" ; ")
+        assert prefix.split()[0] == task.split("_")[0] and len(set(labels)) == len(labels)
+        label_counts[task, len(labels)] += 1
+        orders.add(tuple(labels))
+        answered = [part.rsplit(" ", 1)[1] for part in suffix.split(" ; ") if part]
+        assert set(answered) <= set(labels)
+        assert answered == [o.shape for o in scene.objects if o.shape in labels]
+        all_absent += not answered
+    assert set(tasks) == set(scenes.MULTICLASS_TASK_MIX)
+    assert all(tasks[t] > 0.5 * share * 400 for t, share in scenes.MULTICLASS_TASK_MIX.items())
+    assert set(label_counts) == {("detect_multi", 2), ("detect_multi", 3), ("segment_multi", 2)}
+    assert len(orders) == 12 and all_absent > 0  # every ordered pair and triple; some ask only for absent shapes
+    with pytest.raises(ValueError, match="mask codec"):
+        sample_example(7, mix={"segment_multi": 1.0})
+    assert [sample_example(seed, codec=random_codec, mix={"detect_multi": 1.0})[1:] for seed in range(5)] == \
+        [sample_example(seed, mix={"detect_multi": 1.0})[1:] for seed in range(5)]

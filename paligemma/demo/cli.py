@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     segmentation = parser.add_mutually_exclusive_group()
     add_mask_codec_argument(segmentation)
     segmentation.add_argument("--no-segmentation", action="store_true", help="skip the segmentation score")
+    parser.add_argument("--no-multiclass", action="store_true",
+                        help="skip the multi-class prompts (`detect A ; B`, `segment A ; B`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     scores = evaluate_demo(model, processor, num_scenes=args.scenes,
                            seed0=EVAL_SEED0 if args.seed0 is None else args.seed0,
-                           batch_size=args.batch_size, progress=progress, codec=codec)
+                           batch_size=args.batch_size, progress=progress, codec=codec,
+                           multiclass=not args.no_multiclass)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if args.json:

@@ -13,11 +13,19 @@
   score is the mean IoU over all true objects, an unmatched object counting 0. Extra predicted masks
   lower nothing but are counted among `segment_predictions`; malformed objects are counted like
   detect's.
+- multi-class (`evaluate_multiclass`, `paligemma demo-eval` runs it; `evaluate_demo(multiclass=True)`):
+  on every scene one `detect A ; B` and one `detect A ; B ; C` prompt, and with a codec one
+  `segment A ; B`, labels in an order drawn from the scene's seed, absent shapes included. Boxes are
+  matched per asked shape like single-class detection (a box labelled with a shape the prompt did
+  not name matches nothing); recall is over the objects of the asked shapes, precision over every
+  predicted box; prompts naming only absent shapes should get an empty answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from ..generation import generate
 from ..segmentation import parse_segmentations
@@ -36,6 +44,7 @@ from .scenes import (
     generate_scene,
     iou,
     mask_iou,
+    matching_objects,
     segment_prompt,
     unique_shapes,
 )
@@ -44,6 +53,33 @@ IOU_THRESHOLD = 0.5
 # Answer lengths in tokens: a detect answer is at most 4 objects x (4 locs + label + " ;"), a segment
 # answer 4 x (4 locs + 16 segs + label + " ;").
 _MAX_NEW_TOKENS = {"detect": 32, "caption": 24, "count": 4, "color": 4, "segment": 96}
+_MULTICLASS_STREAM = 2  # random stream (with the scene's seed) that orders a multi-class prompt's labels
+
+
+@dataclass
+class MulticlassScores:
+    """Scores of multi-class prompts (`evaluate_multiclass`); the segment fields need a mask codec."""
+
+    detect_prompts: int
+    detection_recall: float
+    detection_precision: float
+    absent_classes_empty: float  # prompts naming only absent shapes answered with nothing
+    unasked_labels: int  # predicted objects labelled with a shape the prompt did not name
+    malformed_detect_answers: int
+    segmentation_miou: float | None = None
+    malformed_segment_answers: int | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("multi-class detection recall (IoU >= 0.5)", f"{self.detection_recall:.1%}"),
+                ("multi-class detection precision", f"{self.detection_precision:.1%}"),
+                ("multi-class, only absent shapes -> empty answer", f"{self.absent_classes_empty:.1%}")]
+        if self.segmentation_miou is not None:
+            rows.append(("multi-class segmentation mean mask IoU", f"{self.segmentation_miou:.1%}"))
+        rows += [("multi-class objects with a label not asked for", str(self.unasked_labels)),
+                 ("malformed multi-class detect answers", str(self.malformed_detect_answers))]
+        if self.malformed_segment_answers is not None:
+            rows.append(("malformed multi-class segment answers", str(self.malformed_segment_answers)))
+        return rows
 
 
 @dataclass
@@ -60,6 +96,7 @@ class DemoScores:
     segmentation_miou: float | None = None
     segment_predictions: int | None = None  # masks labelled with the asked shape, matched or not
     malformed_segment_answers: int | None = None
+    multiclass: MulticlassScores | None = None  # only when asked for (demo-eval does)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not (v is None and k in _SEGMENT_FIELDS)}
@@ -77,16 +114,19 @@ class DemoScores:
         lines.append(f"| malformed detect answers | {self.malformed_detect_answers} |")
         if self.malformed_segment_answers is not None:
             lines.append(f"| malformed segment answers | {self.malformed_segment_answers} |")
+        if self.multiclass is not None:
+            lines += [f"| {name} | {value} |" for name, value in self.multiclass.rows()]
         return "\n".join(lines)
 
 
-_SEGMENT_FIELDS = ("segmentation_miou", "segment_predictions", "malformed_segment_answers")
+_SEGMENT_FIELDS = ("segmentation_miou", "segment_predictions", "malformed_segment_answers", "multiclass")
 
 
 def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEED0, batch_size: int = 64,
-                  progress=None, codec=None) -> DemoScores:
+                  progress=None, codec=None, multiclass: bool = False) -> DemoScores:
     """Generate greedy answers for every task on `num_scenes` scenes (seeds seed0...) and score them;
-    with a mask codec (`paligemma.vqvae.MaskCodec`) segmentation too."""
+    with a mask codec (`paligemma.vqvae.MaskCodec`) segmentation too; with `multiclass` the
+    multi-class prompts (`evaluate_multiclass`) too."""
     scenes = [generate_scene(seed0 + i, SCENE_SIZE) for i in range(num_scenes)]
     # (task, scene index, shape or None, prompt, expected answer)
     items = []
@@ -151,7 +191,67 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
         caption_exact_match=mean(exact["caption"]), malformed_detect_answers=malformed,
         **({} if codec is None else dict(segmentation_miou=mean(segment_ious), segment_predictions=segment_predictions,
                                          malformed_segment_answers=segment_malformed)),
+        multiclass=evaluate_multiclass(model, processor, scenes, seed0, batch_size, codec) if multiclass else None,
     )
+
+
+def multiclass_labels(seed: int) -> tuple[list[str], list[str], list[str]]:
+    """The label lists of scene `seed`'s multi-class prompts: a detect pair, a detect triple and a
+    segment pair, each in an order drawn from the seed (so absent shapes are asked about too)."""
+    rng = np.random.default_rng([_MULTICLASS_STREAM, seed])
+    pair, triple, segment_pair = ([str(s) for s in rng.permutation(SHAPES)] for _ in range(3))
+    return pair[:2], triple, segment_pair[:2]
+
+
+def evaluate_multiclass(model, processor, scenes: list, seed0: int, batch_size: int = 64,
+                        codec=None) -> MulticlassScores:
+    """Score `detect A ; B`, `detect A ; B ; C` and (with a codec) `segment A ; B` on `scenes` (seeds
+    seed0...); see the module docstring."""
+    detect_items, segment_items = [], []  # (scene index, asked shapes)
+    for index in range(len(scenes)):
+        pair, triple, segment_pair = multiclass_labels(seed0 + index)
+        detect_items += [(index, pair), (index, triple)]
+        segment_items += [(index, segment_pair)] if codec is not None else []
+
+    def answer(items, prompt, max_new_tokens):
+        answers = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            answers += generate(model, processor, [scenes[index].image for index, _ in chunk],
+                                [prompt(labels) for _, labels in chunk], max_new_tokens=max_new_tokens)
+        return answers
+
+    # A scene has at most 4 objects whatever the prompt asks, so single-class answer lengths suffice.
+    found = objects = predicted = unasked = malformed = 0
+    absent_empty = []
+    for (index, labels), text in zip(detect_items, answer(detect_items, detect_prompt, _MAX_NEW_TOKENS["detect"])):
+        result = parse_detections(text, (SCENE_SIZE, SCENE_SIZE))
+        malformed += bool(result.errors)
+        predicted += len(result.objects)
+        unasked += sum(d.label not in labels for d in result.objects)
+        truth = matching_objects(scenes[index], labels)
+        if not truth:
+            absent_empty.append(not result.objects and not result.errors)
+        objects += len(truth)
+        for shape in labels:
+            boxes = [d.box for d in result.objects if d.label == shape]
+            matched = greedy_match([o.box for o in truth if o.shape == shape], boxes, iou, IOU_THRESHOLD)
+            found += sum(score > 0.0 for score in matched)
+    segment_ious, segment_malformed = [], 0
+    segment_answers = answer(segment_items, segment_prompt, _MAX_NEW_TOKENS["segment"]) if segment_items else []
+    for (index, labels), text in zip(segment_items, segment_answers):
+        result = parse_segmentations(text, (SCENE_SIZE, SCENE_SIZE), codec)
+        segment_malformed += bool(result.errors)
+        for shape in labels:
+            segment_ious += match_masks([o.mask for o in scenes[index].objects if o.shape == shape],
+                                        [o.mask for o in result.objects if o.label == shape])
+    return MulticlassScores(
+        detect_prompts=len(detect_items), detection_recall=found / max(objects, 1),
+        detection_precision=found / max(predicted, 1),
+        absent_classes_empty=sum(absent_empty) / len(absent_empty) if absent_empty else float("nan"),
+        unasked_labels=unasked, malformed_detect_answers=malformed,
+        **({} if codec is None else dict(segmentation_miou=sum(segment_ious) / max(len(segment_ious), 1),
+                                         malformed_segment_answers=segment_malformed)))
 
 
 def match_masks(truth: list, predicted: list) -> list[float]:

@@ -66,11 +66,12 @@ once.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -109,6 +110,11 @@ DETECT_ABSENT_PROB = 0.20
 # The mix once the model learns segmentation; sampling it needs a mask codec.
 SEGMENT_TASK_MIX = {"caption": 0.20, "detect": 0.30, "count": 0.15, "color": 0.10, "segment": 0.25}
 SEGMENT_ABSENT_PROB = 0.20
+# Multi-class prompts ("detect triangle ; circle") on top of the segment mix; also needs a codec.
+MULTICLASS_TASK_MIX = {"caption": 0.18, "detect": 0.20, "count": 0.10, "color": 0.07, "segment": 0.18,
+                       "detect_multi": 0.15, "segment_multi": 0.12}
+MULTICLASS_LABELS = {"detect_multi": (2, 3), "segment_multi": (2,)}  # how many labels a prompt may name
+ALL_TASKS = TASKS + ("segment", "detect_multi", "segment_multi")
 
 # Streams of randomness derived from one seed: the scene and the choice of task are independent.
 _SCENE_STREAM = 0
@@ -220,8 +226,18 @@ def generate_scene(seed: int, size: int = 224) -> Scene:
 # Prompts and answers
 
 
-def detect_prompt(shape: str) -> str:
-    return f"detect {shape}"
+def _label_list(shapes: str | Sequence[str]) -> list[str]:
+    """One shape or several, as a list; every name must be one of SHAPES."""
+    labels = [shapes] if isinstance(shapes, str) else list(shapes)
+    unknown = [s for s in labels if s not in SHAPES]
+    if unknown or not labels:
+        raise ValueError(f"shapes are among {SHAPES}, got {labels}")
+    return labels
+
+
+def detect_prompt(shapes: str | Sequence[str]) -> str:
+    """"detect circle", or for several shapes big_vision's multi-class form "detect triangle ; circle"."""
+    return "detect " + " ; ".join(_label_list(shapes))
 
 
 def count_prompt(shape: str) -> str:
@@ -249,22 +265,31 @@ def caption(scene: Scene) -> str:
     return _join_phrases([noun_phrase(o.color, o.shape) for o in scene.objects])
 
 
-def detect_answer(scene: Scene, shape: str) -> str:
-    """Answer to "detect {shape}": "<loc..>x4 {shape}" per match joined by " ; "; "" when absent."""
-    matches = [(o.shape, o.box) for o in scene.objects if o.shape == shape]
+def matching_objects(scene: Scene, shapes: str | Sequence[str]) -> list[SceneObject]:
+    """The objects of any of `shapes`, in canonical order: the order of every detect / segment answer,
+    whatever the order of the labels in the prompt."""
+    labels = set(_label_list(shapes))
+    return [o for o in scene.objects if o.shape in labels]
+
+
+def detect_answer(scene: Scene, shapes: str | Sequence[str]) -> str:
+    """Answer to "detect {shape}" (or "detect A ; B"): "<loc..>x4 {shape}" per matching object, in
+    canonical order, joined by " ; "; "" when no asked shape is present."""
+    matches = [(o.shape, o.box) for o in matching_objects(scene, shapes)]
     return format_detections(matches, (scene.size, scene.size))
 
 
-def segment_prompt(shape: str) -> str:
-    return f"segment {shape}"
+def segment_prompt(shapes: str | Sequence[str]) -> str:
+    return "segment " + " ; ".join(_label_list(shapes))
 
 
-def segment_answer(scene: Scene, shape: str, codec: MaskCodec) -> str:
-    """Answer to "segment {shape}": "<loc..>x4<seg...>x16 {shape}" per match joined by " ; "; "" when
-    absent. The codes are `codec`'s encoding of each object's mask inside its box."""
+def segment_answer(scene: Scene, shapes: str | Sequence[str], codec: MaskCodec) -> str:
+    """Answer to "segment {shape}" (or "segment A ; B"): "<loc..>x4<seg...>x16 {shape}" per matching
+    object, in canonical order, joined by " ; "; "" when no asked shape is present. The codes are
+    `codec`'s encoding of each object's mask inside its box."""
     from ..segmentation import format_segmentations
 
-    matches = [(o.shape, o.box, o.mask) for o in scene.objects if o.shape == shape]
+    matches = [(o.shape, o.box, o.mask) for o in matching_objects(scene, shapes)]
     return format_segmentations(matches, (scene.size, scene.size), codec)
 
 
@@ -290,16 +315,28 @@ def unique_shapes(scene: Scene) -> list[str]:
     return [s for s in SHAPES if count(scene, s) == 1]
 
 
-def scene_examples(scene: Scene, codec: MaskCodec | None = None) -> list[tuple[str, str]]:
+def multiclass_label_lists(task: str) -> list[tuple[str, ...]]:
+    """Every label list a multi-class prompt of `task` ("detect_multi" or "segment_multi") may name:
+    each ordered choice of MULTICLASS_LABELS[task] distinct shapes."""
+    return [labels for k in MULTICLASS_LABELS[task] for labels in itertools.permutations(SHAPES, k)]
+
+
+def scene_examples(scene: Scene, codec: MaskCodec | None = None, multiclass: bool = False) -> list[tuple[str, str]]:
     """Every (prefix, suffix) pair for a scene: caption, detect and count for each shape (absent
     shapes included), and colour for each shape that occurs exactly once; with a codec, segment for
-    each shape too."""
+    each shape too; with `multiclass`, every multi-class detect (and with a codec segment) prompt."""
     examples = [(CAPTION_PROMPT, caption(scene))]
     examples += [(detect_prompt(s), detect_answer(scene, s)) for s in SHAPES]
     examples += [(count_prompt(s), count_answer(scene, s)) for s in SHAPES]
     examples += [(color_prompt(s), color_answer(scene, s)) for s in unique_shapes(scene)]
     if codec is not None:
         examples += [(segment_prompt(s), segment_answer(scene, s, codec)) for s in SHAPES]
+    if multiclass:
+        examples += [(detect_prompt(labels), detect_answer(scene, labels))
+                     for labels in multiclass_label_lists("detect_multi")]
+    if multiclass and codec is not None:
+        examples += [(segment_prompt(labels), segment_answer(scene, labels, codec))
+                     for labels in multiclass_label_lists("segment_multi")]
     return examples
 
 
@@ -311,10 +348,10 @@ def _task_mix(codec: MaskCodec | None, mix: Mapping[str, float] | None) -> Mappi
     """The mix to sample: `mix`, else SEGMENT_TASK_MIX with a codec and TASK_MIX without."""
     if mix is None:
         return TASK_MIX if codec is None else SEGMENT_TASK_MIX
-    unknown = set(mix) - set(TASKS) - {"segment"}
+    unknown = set(mix) - set(ALL_TASKS)
     if unknown or not mix:
-        raise ValueError(f"a task mix names tasks among {TASKS + ('segment',)}, got {dict(mix)}")
-    if mix.get("segment") and codec is None:
+        raise ValueError(f"a task mix names tasks among {ALL_TASKS}, got {dict(mix)}")
+    if (mix.get("segment") or mix.get("segment_multi")) and codec is None:
         raise ValueError("segment examples need a mask codec (codec=...)")
     return mix
 
@@ -323,7 +360,8 @@ def sample_task(scene: Scene, rng: np.random.Generator, codec: MaskCodec | None 
                 mix: Mapping[str, float] | None = None) -> tuple[str, str, str]:
     """Draw one (task, prefix, suffix) for `scene` following `mix` (default: TASK_MIX, or
     SEGMENT_TASK_MIX when a mask codec is given; see the module docstring). Tasks are tried in the
-    mix's order against one uniform draw, so the default reproduces the original sampler exactly."""
+    mix's order against one uniform draw, and a task draws more numbers only once chosen, so the
+    default mixes reproduce the original sampler exactly."""
     mix = _task_mix(codec, mix)
     r = rng.random()
     cumulative = 0.0
@@ -352,6 +390,12 @@ def sample_task(scene: Scene, rng: np.random.Generator, codec: MaskCodec | None 
         pool = absent if absent and rng.random() < SEGMENT_ABSENT_PROB else present
         shape = _pick(rng, pool)
         return task, segment_prompt(shape), segment_answer(scene, shape, codec)
+    if task in MULTICLASS_LABELS:
+        sizes = MULTICLASS_LABELS[task]
+        labels = [str(s) for s in rng.permutation(SHAPES)[:sizes[int(rng.integers(len(sizes)))]]]
+        if task == "detect_multi":
+            return task, detect_prompt(labels), detect_answer(scene, labels)
+        return task, segment_prompt(labels), segment_answer(scene, labels, codec)
     shape = _pick(rng, unique_shapes(scene))
     return task, color_prompt(shape), color_answer(scene, shape)
 

@@ -13,25 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Mapping
 
 from ..cli_common import DEMO_MASK_CODEC, load
 from ..finetune.data import Example, FinetuneDataset
 from ..finetune.trainer import TrainConfig, train
 from ..vqvae import MASK_CODEC_FILE, MaskCodec, load_mask_codec
 from .recipe import EVAL_SEED0, SCENE_SIZE, TRAIN_SEED0, create_initial_checkpoint
-from .scenes import sample_example
+from .scenes import MULTICLASS_TASK_MIX, sample_example
 
 
 class SceneDataset(FinetuneDataset):
-    """`length` examples drawn by `sample_example(seed0 + i, codec=codec)`, each made when it is indexed
-    (with a mask codec the mix includes `segment`: scenes.SEGMENT_TASK_MIX).
+    """`length` examples drawn by `sample_example(seed0 + i, codec=codec, mix=mix)`, each made when it is
+    indexed (with a mask codec the default mix includes `segment`: scenes.SEGMENT_TASK_MIX).
 
     A `FinetuneDataset` by its contract, `len` and indexing (what `train` and `evaluate` use), with
     no stored rows."""
 
-    def __init__(self, length: int, seed0: int, codec: MaskCodec | None = None):
+    def __init__(self, length: int, seed0: int, codec: MaskCodec | None = None,
+                 mix: Mapping[str, float] | None = None):
         super().__init__(())
-        self.length, self.seed0, self.codec = length, seed0, codec
+        self.length, self.seed0, self.codec, self.mix = length, seed0, codec, mix
 
     def __len__(self) -> int:
         return self.length
@@ -39,7 +41,7 @@ class SceneDataset(FinetuneDataset):
     def __getitem__(self, index: int) -> Example:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        image, prefix, suffix = sample_example(self.seed0 + index, SCENE_SIZE, codec=self.codec)
+        image, prefix, suffix = sample_example(self.seed0 + index, SCENE_SIZE, codec=self.codec, mix=self.mix)
         return Example(image, prefix, suffix, where=f"scene {self.seed0 + index}")
 
 
@@ -66,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segment", action="store_true",
                         help="add `segment {shape}` examples (scenes.SEGMENT_TASK_MIX), coded with the bundled "
                              "mask codec, which is copied into the checkpoints")
+    parser.add_argument("--multiclass", action="store_true",
+                        help="also multi-class prompts, `detect A ; B [; C]` and `segment A ; B` "
+                             "(scenes.MULTICLASS_TASK_MIX); implies --segment")
     args = parser.parse_args(argv)
+    args.segment = args.segment or args.multiclass
+    mix = MULTICLASS_TASK_MIX if args.multiclass else None
 
     out = Path(args.out)
     init = Path(args.init) if args.init else out / "init"
@@ -87,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume, eval_batch_size=64, freeze=("vision",) if args.freeze_vision else (),
         extra_files=extra_files,
     )
-    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0 + args.first_scene, codec)
+    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0 + args.first_scene, codec, mix)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
-    eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE, codec=codec) for i in range(64)]
+    eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE, codec=codec, mix=mix) for i in range(64)]
     summary = train(model, processor, train_data, config, eval_data=eval_data)
     scores = [{k: v for k, v in e.items() if not isinstance(v, (list, dict))} for e in summary.evals]
     print(json.dumps({"final_loss": summary.final_loss, "evals": scores, "final_dir": summary.final_dir,
