@@ -19,6 +19,15 @@ only the padding side is chosen here rather than taken from the tokenizer:
   pads trail the last label, so positions need no offsets.
 
 Pads are `pad_id` with attention_mask 0, token_type_ids 0 and labels -100.
+
+Prompts written the transformers way, starting with one "<image>" per image ("<image>answer en
+what is this?", as many tutorials do), are accepted with a warning: transformers' PaliGemmaProcessor
+(`prepare_inputs_layout`) puts `<bos>` right after the last "<image>" and expands each "<image>" to
+the image's tokens, which is this layout with the leading "<image>"s removed and the rest of the
+prompt kept as typed (a space after "<image>" stays part of the prompt). An "<image>" anywhere else,
+or a count that differs from the prompt's images, is refused. (transformers applies its rule to
+every prompt of a batch once one has "<image>", mangling prompts without it; here each prompt is
+read on its own.)
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -68,7 +78,8 @@ class Processor:
 
         images: one image per prompt (a list, or a single image for a single prompt), or a list
             of lists for several images per prompt. An image is a PIL image, path, bytes or array.
-        prompts: a str or list of str, e.g. "caption en", "detect cat". No "<image>" in them.
+        prompts: a str or list of str, e.g. "caption en", "detect cat". A leading "<image>" per image
+            (transformers' style) is accepted with a warning and removed; no "<image>" elsewhere.
         suffixes: training targets, one per prompt; adds `labels`.
         padding_side: "left" or "right"; default left without suffixes, right with them.
         max_length: raise UsageError if a sample is longer (nothing is ever truncated).
@@ -76,8 +87,9 @@ class Processor:
             are None): for callers that already hold the images' features. `images` then only
             says how many images each prompt has.
         """
-        prompts = self._check_texts(prompts, "prompts")
+        prompts = self._check_texts(prompts, "prompts", leading_image_tokens=True)
         image_lists = self._group_images(images, len(prompts))
+        prompts = _strip_leading_image_tokens(prompts, [len(image_list) for image_list in image_lists])
         if suffixes is not None:
             suffixes = self._check_texts(suffixes, "suffixes")
             if len(suffixes) != len(prompts):
@@ -130,7 +142,7 @@ class Processor:
     # ------------------------------------------------------------------ helpers
 
     @staticmethod
-    def _check_texts(texts, name: str) -> list[str]:
+    def _check_texts(texts, name: str, leading_image_tokens: bool = False) -> list[str]:
         if isinstance(texts, str):
             texts = [texts]
         elif texts is None or not isinstance(texts, (list, tuple)):
@@ -140,7 +152,7 @@ class Processor:
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"{name}[{index}] must be a str, got {type(text).__name__}")
-            if IMAGE_TOKEN in text:
+            if IMAGE_TOKEN in text and not (leading_image_tokens and text.startswith(IMAGE_TOKEN)):
                 raise UsageError(f"{name}[{index}] contains {IMAGE_TOKEN!r}; pass images with `images=` and the "
                                  "processor inserts the image tokens itself")
         return list(texts)
@@ -218,6 +230,28 @@ def load_processor(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pr
         raise ConfigError(f"{preprocessor_file} image_seq_length is {seq_length} but config.json implies "
                           f"{config.num_image_tokens} image tokens")
     return Processor(tokenizer, image_processor, config.num_image_tokens)
+
+
+def _strip_leading_image_tokens(prompts: list[str], images_per_prompt: list[int]) -> list[str]:
+    """Each prompt without its leading "<image>"s (one per image, as transformers reads them); warns once."""
+    out = []
+    for index, (prompt, count) in enumerate(zip(prompts, images_per_prompt)):
+        rest = prompt
+        while rest.startswith(IMAGE_TOKEN):
+            rest = rest[len(IMAGE_TOKEN):]
+        found = (len(prompt) - len(rest)) // len(IMAGE_TOKEN)
+        if IMAGE_TOKEN in rest:
+            raise UsageError(f"prompts[{index}] has {IMAGE_TOKEN!r} after its text; only leading {IMAGE_TOKEN!r} "
+                             "tokens (one per image) are understood: pass the images with `images=`")
+        if found and found != count:
+            raise UsageError(f"prompts[{index}] starts with {found} {IMAGE_TOKEN!r} token(s) but has {count} "
+                             "image(s): write one per image, or none (the processor inserts them)")
+        out.append(rest)
+    if out != prompts:
+        warnings.warn(f"prompts starting with {IMAGE_TOKEN!r} (transformers' style): the processor inserts the image "
+                      f"tokens itself, so the leading {IMAGE_TOKEN!r} are dropped and the rest kept as typed",
+                      UserWarning, stacklevel=3)
+    return out
 
 
 def _is_image(value) -> bool:

@@ -238,6 +238,35 @@ def test_max_length_raises_instead_of_truncating(processor_checkpoint_factory, p
         processor(photos[0], "caption en", suffixes="a red circle", max_length=length - 1)
 
 
+# ---------------------------------------------------------------------- prompts written the transformers way
+
+IMAGE_PROMPTS = ["<image>caption en", "<image> answer en What color is the star?", "<image>detect circle ; star",
+                 "<image>"]
+
+
+def test_leading_image_token_prompts_match_hf(processor_checkpoint_factory, hf_processor_factory, photos):
+    processor = load_processor(processor_checkpoint_factory(28))
+    hf = hf_processor_factory(28)
+    with pytest.warns(UserWarning, match="transformers' style"):
+        ours = processor(photos, IMAGE_PROMPTS)
+    assert_same(ours, hf_batch(hf, photos, IMAGE_PROMPTS), with_labels=False)
+    with pytest.warns(UserWarning, match="transformers' style"):
+        with_suffixes = processor(photos, IMAGE_PROMPTS, suffixes=SUFFIXES)
+    assert_same(with_suffixes, hf_batch(hf, photos, IMAGE_PROMPTS, SUFFIXES, padding_side="right"), with_labels=True)
+    # The space typed after "<image>" is part of the prompt, in transformers and here.
+    spaced, unspaced = (processor(photos[1], text)["input_ids"] for text in (" answer en x", "answer en x"))
+    assert not torch.equal(spaced, unspaced)
+
+
+def test_one_leading_image_token_per_image_matches_hf(processor_checkpoint_factory, hf_processor_factory, photos):
+    processor = load_processor(processor_checkpoint_factory(28))
+    images = [[photos[0], photos[1]], [photos[2]]]
+    prompts = ["<image><image>caption en", "<image>caption es"]
+    with pytest.warns(UserWarning):
+        ours = processor(images, prompts)
+    assert_same(ours, hf_batch(hf_processor_factory(28), images, prompts), with_labels=False)
+
+
 @pytest.mark.parametrize("call,error,message", [
     (lambda p, im: p([im, im], ["a", "b", "c"]), UsageError, r"got 2 image\(s\) or image lists for 3 prompt\(s\)"),
     (lambda p, im: p(im, ["a", "b"]), UsageError, r"got 1 image\(s\) or image lists for 2 prompt\(s\)"),
@@ -249,7 +278,10 @@ def test_max_length_raises_instead_of_truncating(processor_checkpoint_factory, p
     (lambda p, im: p([[im], im], ["a", "b"]), UsageError, "mixes single images and lists"),
     (lambda p, im: p([[im], []], ["a", "b"]), UsageError, "prompt 1 has no images"),
     (lambda p, im: p({"image": im}, "a"), TypeError, "images must be"),
-    (lambda p, im: p(im, "<image> caption"), UsageError, "contains '<image>'"),
+    (lambda p, im: p(im, "caption <image>"), UsageError, "contains '<image>'"),
+    (lambda p, im: p(im, "<image>caption <image>"), UsageError, "has '<image>' after its text"),
+    (lambda p, im: p(im, "<image><image>caption"), UsageError, r"starts with 2 '<image>' token\(s\) but has 1"),
+    (lambda p, im: p(im, "a", suffixes="<image>b"), UsageError, r"suffixes\[0\] contains '<image>'"),
     (lambda p, im: p([im, im], ["a", "b"], suffixes=["x"]), UsageError, "got 1 suffixes for 2 prompts"),
     (lambda p, im: p(im, "a", suffixes=[None]), TypeError, r"suffixes\[0\] must be a str"),
     (lambda p, im: p(im, "a", padding_side="middle"), UsageError, "padding_side"),
