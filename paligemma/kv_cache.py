@@ -47,3 +47,16 @@ class KVCache:
         self.keys[layer_idx].index_copy_(2, slots, k)
         self.values[layer_idx].index_copy_(2, slots, v)
         return self.keys[layer_idx][:, :, :self.length], self.values[layer_idx][:, :, :self.length]
+
+    def index_select(self, rows: torch.Tensor) -> None:
+        """Keep the cache rows `rows` (R,), in that order, repeats allowed: the cache now holds R rows.
+
+        Beam search and n > 1 prefill each prompt once, then copy its rows per beam or answer, and
+        reorder them as beams are chosen.
+        """
+        rows = rows.to(self.valid.device)
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.valid = self.valid.index_select(0, rows)
+        self.is_prefix = self.is_prefix.index_select(0, rows)
+        self.batch_size = rows.shape[0]

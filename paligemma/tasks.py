@@ -16,6 +16,13 @@ the /1024 reading shrinks every box towards the top-left by up to 0.1% of the im
 Answers are parsed strictly: a segment that is not exactly "4 loc tokens + label" is reported in
 `DetectionResult.errors` with its text, never repaired or silently dropped.
 
+Scores: given the log-probabilities of the answer's tokens (`TokenSpan`s, from
+`GenerationResult.token_spans()`), each detection gets `score` = the product of the probabilities
+of the tokens that wrote it: its four loc tokens and its label tokens (not the " ;" separator nor
+<eos>), in [0, 1]. Each probability is the one the token was drawn with (see `sampling.py`: after
+temperature, top-k, top-p and any constraint), so a greedy, unconstrained answer scores the model's
+own confidence. `filter_detections` thresholds on it and runs per-label non-maximum suppression.
+
 This module is the one home of the answer grammar: the token-level helpers (`TOKEN_RE`,
 `split_objects`, `leading_tokens`, `parse_loc_box`, `encode_box`, `check_label`, `check_image_size`)
 are what `segmentation.py` builds the `segment` answer format (4 loc tokens, 16 seg tokens, label) on.
@@ -23,9 +30,10 @@ are what `segmentation.py` builds the `segment` answer format (4 loc tokens, 16 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from .tokenizer import NUM_LOC_TOKENS
 
@@ -38,11 +46,31 @@ TOKEN_RE = re.compile(r"<(loc|seg)(\d+)>")  # a <loc>/<seg> token: groups (kind,
 _SEPARATOR_RE = re.compile(r"\s*;\s*")
 
 
-class Detection(NamedTuple):
-    """One detected object; unpacks as `label, box`."""
+@dataclass
+class Detection:
+    """One detected object; unpacks as `label, box` (so code written for (label, box) pairs works)."""
 
     label: str
     box: list[float]  # [x0, y0, x1, y1] in original image pixels
+    score: float | None = None  # in [0, 1] when the answer's token log-probabilities were given
+
+    def __iter__(self) -> Iterator:
+        return iter((self.label, self.box))
+
+    def as_json(self) -> dict:
+        """{"label", "box"} and "score" when known: what the CLI's --json and the server return."""
+        record = {"label": self.label, "box": self.box}
+        if self.score is not None:
+            record["score"] = self.score
+        return record
+
+
+class TokenSpan(NamedTuple):
+    """One generated token: the characters [start, end) of the answer text it wrote, and its log-prob."""
+
+    start: int
+    end: int
+    logprob: float
 
 
 @dataclass
@@ -59,11 +87,41 @@ def prompt_task(prompt: str) -> str:
 
 # ---------------------------------------------------------------------- token-level helpers
 
+def prompt_labels(prompt: str) -> list[str]:
+    """The labels a `detect` / `segment` prompt asks for: "detect triangle ; circle" -> ["triangle", "circle"]."""
+    words = prompt.split(maxsplit=1)
+    return [label for label in split_objects(words[1])] if len(words) == 2 else []
+
+
 def split_objects(answer: str) -> list[str]:
     """The object segments of an answer, split on ";" with any spacing; [] for a blank answer."""
+    return [answer[start:end] for start, end in object_spans(answer)]
+
+
+def object_spans(answer: str) -> list[tuple[int, int]]:
+    """(start, end) characters of each object segment of an answer, spacing stripped; [] for a blank answer."""
     if not answer.strip():
         return []
-    return [segment.strip() for segment in _SEPARATOR_RE.split(answer.strip())]
+    bounds, start = [], 0
+    for separator in _SEPARATOR_RE.finditer(answer):
+        bounds.append((start, separator.start()))
+        start = separator.end()
+    bounds.append((start, len(answer)))
+    spans = []
+    for start, end in bounds:
+        while start < end and answer[start].isspace():
+            start += 1
+        while end > start and answer[end - 1].isspace():
+            end -= 1
+        spans.append((start, end))
+    return spans
+
+
+def span_score(token_spans: Sequence[TokenSpan] | None, start: int, end: int) -> float | None:
+    """exp(sum of the log-probs of the tokens that wrote characters [start, end) of the answer), or None."""
+    if token_spans is None:
+        return None
+    return math.exp(sum(t.logprob for t in token_spans if t.start < end and t.end > start and t.end > t.start))
 
 
 def leading_tokens(segment: str) -> tuple[list[tuple[str, int]], str]:
@@ -94,21 +152,25 @@ def parse_loc_box(values: Sequence[int], image_size: tuple[int, int]) -> list[fl
 
 # ---------------------------------------------------------------------- detect
 
-def parse_detections(answer: str, image_size: tuple[int, int]) -> DetectionResult:
+def parse_detections(answer: str, image_size: tuple[int, int],
+                     token_spans: Sequence[TokenSpan] | None = None) -> DetectionResult:
     """Parse a `detect ...` answer into labelled boxes in pixels of the ORIGINAL (width, height) image.
 
     A blank answer (the model found nothing) gives no objects and no errors. Each malformed segment
     is left out of `objects` and reported in `errors` with its text; the other objects are kept.
-    A segment without a label ("<loc..>x4") is kept with label "".
+    A segment without a label ("<loc..>x4") is kept with label "". With `token_spans` (the answer's
+    tokens and log-probs, `GenerationResult.token_spans()`) each detection gets its `score`.
     """
     check_image_size(image_size)
     result = DetectionResult()
-    for segment in split_objects(answer):
+    for start, end in object_spans(answer):
+        segment = answer[start:end]
         problem = _detection_problem(segment)
         if problem is None:
             tokens, label = leading_tokens(segment)
             try:
-                result.objects.append(Detection(label, parse_loc_box([v for _, v in tokens], image_size)))
+                box = parse_loc_box([v for _, v in tokens], image_size)
+                result.objects.append(Detection(label, box, span_score(token_spans, start, end)))
                 continue
             except ValueError as err:
                 problem = str(err)
@@ -172,3 +234,31 @@ def check_image_size(image_size: tuple[int, int]) -> None:
     """Raise ValueError unless `image_size` is (width, height), both > 0."""
     if len(image_size) != 2 or any(s <= 0 for s in image_size):
         raise ValueError(f"image_size must be (width, height) > 0, got {image_size}")
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two [x0, y0, x1, y1] boxes; 0 when both are empty."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(width, 0.0) * max(height, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def filter_detections(detections: Sequence[Detection], min_score: float | None = None,
+                      nms_iou: float | None = None) -> list[Detection]:
+    """The scored `detections` with score >= `min_score`, then per-label non-maximum suppression:
+    within one label, a box overlapping a higher-scored kept box with IoU > `nms_iou` is dropped.
+    Either step is skipped when its setting is None; the answer's order is kept."""
+    if min_score is None and nms_iou is None:
+        return list(detections)
+    if any(d.score is None for d in detections):
+        raise ValueError("filtering detections needs their scores: parse the answer with its token_spans")
+    kept = [d for d in detections if min_score is None or d.score >= min_score]
+    if nms_iou is None:
+        return kept
+    survivors: list[Detection] = []
+    for detection in sorted(kept, key=lambda d: -d.score):
+        if all(other.label != detection.label or box_iou(other.box, detection.box) <= nms_iou for other in survivors):
+            survivors.append(detection)
+    return [d for d in kept if any(d is s for s in survivors)]
