@@ -54,6 +54,16 @@ Prompts and answers (prefix -> suffix)
   box (`segmentation.parse_segmentations`). The answer therefore depends on the codec: the demo's is
   `paligemma/demo_model/mask_codec.safetensors`, trained on these masks by
   `python -m paligemma.demo.train_mask_codec`. Segment examples exist only where a codec is passed.
+- ``detect A ; B`` / ``detect A ; B ; C`` and ``segment A ; B`` (multi-class, PaliGemma's
+  ``detect {thing} ; {thing} ; ...``) -> every object of ANY asked shape, each with its own label,
+  in canonical order: e.g. "detect triangle ; circle" on "a purple circle, a red triangle and a green
+  circle" answers "<loc..>x4 circle ; <loc..>x4 triangle ; <loc..>x4 circle". The answer depends
+  on the scene only, never on the order of the prompt's labels, and an asked shape that is absent
+  adds nothing ("" when none is present). The order is our choice: big_vision's released code has
+  no detection data pipeline, and the PaliGemma paper only says its multi-object detection is
+  "similar to Pix2Seq" (which trains on randomly ordered objects). Canonical order keeps one target
+  per prompt, the same order as single-class answers and captions, so a multi-class answer is the
+  single-class answers' objects merged.
 
 Training mix (`sample_example`)
 -------------------------------
@@ -61,7 +71,11 @@ Without a codec (`TASK_MIX`): caption 25%, detect 40%, count 20%, colour 15%. Wi
 default is `SEGMENT_TASK_MIX`: caption 20%, detect 30%, count 15%, colour 10%, segment 25%. A detect
 or segment example asks for an absent shape with probability 20% (when some shape is absent), else
 for a present one. A colour example falls back to a count question when no shape occurs exactly
-once.
+once. `MULTICLASS_TASK_MIX` (needs a codec; `python -m paligemma.demo.train --multiclass`): caption
+18%, detect 20%, count 10%, colour 7%, segment 18%, multi-class detect 15% (2 or 3 labels) and
+multi-class segment 12% (2 labels); the labels are distinct shapes in random order, so absent shapes
+are asked about as often as chance gives. The older mixes draw exactly the examples they drew before
+(tests/test_scenes.py pins them).
 """
 
 from __future__ import annotations
