@@ -12,7 +12,23 @@ trained on Open Images masks (`vae-oid.npz`) and makes training targets with its
     ResBlock: x + conv1x1(relu(conv3x3(relu(conv3x3(x)))))   (no activation after the sum)
 
 Sources: big_vision/evaluators/proj/paligemma/transfers/segmentation.py (Flax `Decoder`, `ResBlock`,
-`_get_params`) and big_vision/pp/proj/paligemma/segmentation.py (`encode_to_codebook_indices`).
+`_get_params`) and big_vision/pp/proj/paligemma/segmentation.py (`encode_to_codebook_indices`: the
+order of the layers and their strides and paddings, not their sizes). The sizes come from the model
+big_vision's PaliGemma README names as the codec's architecture, Ning et al. 2023 (AiT,
+arXiv 2301.02229), whose PyTorch code is where the checkpoint's names come from: github.com/
+SwinTransformer/AiT, vae/models/VQVAE.py (`VQVAE`, `ResBlock_v1`, `VectorQuantizerEMA`) built with
+vae/configs/insseg/ait_insseg_vqvae.py (64x64 masks, 1 channel, hidden_dim 16, downsample_ratio 16,
+2 ResBlocks, 128 codes of 512). Its constructor gives
+
+    encoder: Conv2d(1, 16, 4, stride 2, padding 1) + ReLU, then 3 x [Conv2d(c, 2c, 4, 2, 1) + ReLU]
+             (16 -> 32 -> 64 -> 128), 2 ResBlocks(128), Conv2d(128, 512, 1)
+    decoder: Conv2d(512, 128, 1) + ReLU, 2 ResBlocks(128), ConvTranspose2d(128, 128, 4, 2, 1) + ReLU,
+             then 3 x [ConvTranspose2d(c, c/2, 4, 2, 1) + ReLU] (-> 64, 32, 16), Conv2d(16, 1, 1)
+
+so the encoder is the decoder's mirror: widths 16, 32, 64, 128 and 4x4 kernels, for which TF 'SAME'
+at stride 2 on even sizes pads 1 on each side, PyTorch's padding=1 (big_vision's TF port and the
+PyTorch original compute the same). `MaskCodecConfig()`'s defaults are these shapes (tested in
+tests/test_vqvae_encoder.py against a table written from that constructor).
 
 `vae-oid.npz` is a PyTorch state dict saved with numpy, and the module tree here reproduces its names,
 so it loads without renaming: `_vq_vae._embedding` (128, D), `decoder.{0,12}` 1x1 convs,
@@ -23,10 +39,8 @@ for Flax/TF, and its Flax `ConvTranspose(k=4, s=2, padding=2, transpose_kernel=T
 in/out-swapped kernel over the 2x-dilated input padded by 2) is exactly
 `nn.ConvTranspose2d(k=4, s=2, padding=1)` (padding k - 1 - 2 = 1): 4 -> 8 -> 16 -> 32 -> 64.
 The encoder convs use TensorFlow's 'SAME' padding (asymmetric for odd kernels at stride 2), reproduced
-here for any kernel size. The encoder's channel widths and kernel sizes are not written in big_vision's
-code (its TF port reads them from the checkpoint), so loading infers them from the tensors' shapes; the
-defaults mirror the decoder (widths 16, 32, 64, 128; 4x4 kernels, for which 'SAME' at stride 2 is
-PyTorch's padding 1) and are a guess until checked against the released file.
+here for any kernel size, and loading infers the encoder's widths and kernels from the tensors'
+shapes, so narrower codecs in the same layout load too (the demo model's: widths 8, 16, 32, 32).
 """
 
 from __future__ import annotations
@@ -57,12 +71,12 @@ class MaskCodecError(PaliGemmaError, ValueError):
 
 @dataclass(frozen=True)
 class MaskCodecConfig:
-    """Shapes of the codec; the defaults are `vae-oid.npz`'s decoder (encoder widths: see module docstring)."""
+    """Shapes of the codec; the defaults are `vae-oid.npz`'s (AiT's instance-mask VQ-VAE, module docstring)."""
 
     num_codes: int = 128
     embed_dim: int = 512  # D, the codebook vector size (`_vq_vae._embedding` is (num_codes, D))
     hidden: int = 128  # decoder 1x1 conv and ResBlocks; the transposed convs output hidden / 1, 2, 4, 8
-    encoder_channels: tuple[int, ...] = (16, 32, 64, 128)  # outputs of the 4 stride-2 convs
+    encoder_channels: tuple[int, ...] = (16, 32, 64, 128)  # outputs of the 4 stride-2 convs (AiT's)
     encoder_kernel: int = 4  # kernel of the stride-2 encoder convs
     encoder_out_kernel: int = 1  # kernel of the last encoder conv (-> D)
 
