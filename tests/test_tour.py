@@ -8,13 +8,21 @@ by an HTML comment on the line before its fence, which renders as nothing:
     <!-- not run: needs a downloaded checkpoint -->
 
 Such a block is still compiled, so its syntax is checked. The tour may skip nothing.
+
+A ```text block right after a run block is what that block prints, and is checked line by line:
+`...` matches anything, a decimal or a percentage matches within one unit of its last written
+digit (37% is 36-38%, 0.033 is 0.032-0.034), and any other whole number exactly, so the outputs shown
+hold on any CPU without hiding a real change.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -24,8 +32,18 @@ TOUR = DOCS / "tour.md"
 NOT_RUN = re.compile(r"^<!--\s*not run:\s*(\S.*?)\s*-->$")
 
 
-def python_blocks(path: Path) -> list[tuple[int, str, str | None]]:
-    """(line of the opening fence, code, reason it is not run or None) for each ```python block."""
+NUMBER = re.compile(r"(?<![\w<])[-+]?\d+(?:\.\d+)?")  # not the digits inside <loc0717> or 1e+06
+
+
+class Block(NamedTuple):
+    line: int  # of the opening fence, 1-based
+    code: str
+    not_run: str | None  # the reason given by a `<!-- not run: ... -->` marker
+    output: str | None  # the ```text block right after it: what it prints
+
+
+def python_blocks(path: Path) -> list[Block]:
+    """The ```python blocks of a Markdown file, in order."""
     lines = path.read_text(encoding="utf-8").splitlines()
     blocks, index = [], 0
     while index < len(lines):
@@ -33,34 +51,70 @@ def python_blocks(path: Path) -> list[tuple[int, str, str | None]]:
             index += 1
             continue
         start = index
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "```"), None)
-        assert end is not None, f"{path.name}:{start + 1}: a ```python block is never closed"
+        end = _closing_fence(lines, start, path)
         previous = next((lines[i].strip() for i in range(start - 1, -1, -1) if lines[i].strip()), "")
         marker = NOT_RUN.match(previous)
-        blocks.append((start + 1, "\n".join(lines[start + 1:end]) + "\n", marker.group(1) if marker else None))
+        after = next((i for i in range(end + 1, len(lines)) if lines[i].strip()), None)
+        output = None
+        if after is not None and lines[after].strip() == "```text":
+            output_end = _closing_fence(lines, after, path)
+            output = "\n".join(lines[after + 1:output_end]) + "\n"
+        blocks.append(Block(start + 1, "\n".join(lines[start + 1:end]) + "\n", marker.group(1) if marker else None,
+                            output))
         index = end + 1
     return blocks
 
 
+def _closing_fence(lines: list[str], start: int, path: Path) -> int:
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() == "```"), None)
+    assert end is not None, f"{path.name}:{start + 1}: a code block is never closed"
+    return end
+
+
+def line_matches(expected: str, actual: str) -> bool:
+    """`actual` is what `expected` shows (the rules are in the module docstring)."""
+    if "..." in expected:
+        pattern = ".*".join(re.escape(part) for part in expected.split("..."))
+        return re.fullmatch(pattern, actual) is not None
+    shown, got = list(NUMBER.finditer(expected)), NUMBER.findall(actual)
+    if NUMBER.split(expected) != NUMBER.split(actual) or len(shown) != len(got):
+        return False
+    for match, value in zip(shown, got):
+        text = match.group()
+        measured = "." in text or expected[match.end():match.end() + 1] == "%"  # a count must be exact
+        tolerance = 10**-len(text.partition(".")[2]) * 1.001 if measured else 0
+        if abs(float(text) - float(value)) > tolerance:
+            return False
+    return True
+
+
 def run_blocks(path: Path) -> int:
-    """Run the runnable blocks of `path` in order in one namespace, compile the others; returns how many ran."""
+    """Run the runnable blocks of `path` in order in one namespace, checking the outputs they show, and
+    compile the others; returns how many ran."""
     namespace = {"__name__": f"docs_{path.stem}"}
     ran = 0
-    for line, code, reason in python_blocks(path):
-        compiled = compile(code, f"{path.relative_to(ROOT)} (block at line {line})", "exec")
-        if reason is None:
+    for block in python_blocks(path):
+        where = f"{path.relative_to(ROOT)} (block at line {block.line})"
+        compiled = compile(block.code, where, "exec")
+        if block.not_run is not None:
+            continue
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
             exec(compiled, namespace)
-            ran += 1
+        ran += 1
+        if block.output is not None:
+            expected, actual = block.output.splitlines(), printed.getvalue().splitlines()
+            assert len(expected) == len(actual) and all(map(line_matches, expected, actual)), \
+                f"{where} printed:\n{printed.getvalue()}\nbut the page shows:\n{block.output}"
     return ran
 
 
-def test_every_tour_block_runs(capsys, monkeypatch, tmp_path):
+def test_every_tour_block_runs_and_prints_what_the_page_shows(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # nothing a block writes lands in the repository
     blocks = python_blocks(TOUR)
-    assert [line for line, _, reason in blocks if reason is not None] == [], "the tour skips no block"
+    assert [block.line for block in blocks if block.not_run is not None] == [], "the tour skips no block"
+    assert sum(block.output is not None for block in blocks) >= len(blocks) - 2, "most blocks show their output"
     assert run_blocks(TOUR) == len(blocks)
-    out = capsys.readouterr().out
-    assert "a purple circle, a red triangle and a green circle" in out  # the first block's greedy caption
 
 
 def test_every_tour_section_has_an_experiment():
@@ -80,7 +134,7 @@ def test_tour_pictures_exist():
 
 def test_quoted_measurements_are_in_benchmarks_md():
     """The performance section's `measured = dict(...)` quotes BENCHMARKS.md; each figure must still be there."""
-    tree = ast.parse("\n".join(code for _, code, _ in python_blocks(TOUR)))
+    tree = ast.parse("\n".join(block.code for block in python_blocks(TOUR)))
     quoted = [node.value for node in ast.walk(tree)
               if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "measured" for t in node.targets)]
     assert len(quoted) == 1 and isinstance(quoted[0], ast.Call)
@@ -97,8 +151,24 @@ def test_other_docs_blocks_run_or_say_why(path, monkeypatch, tmp_path):
     run_blocks(path)
 
 
-def test_block_extraction_sees_markers(tmp_path):
+def test_block_extraction_sees_markers_and_outputs(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("text\n```python\nx = 1\n```\n\n<!-- not run: needs a server -->\n```python\nimport nope\n```\n"
-                    "```bash\nls\n```\n", encoding="utf-8")
-    assert python_blocks(page) == [(2, "x = 1\n", None), (7, "import nope\n", "needs a server")]
+    page.write_text("text\n```python\nx = 1\n```\n\n```text\n1\n```\n<!-- not run: needs a server -->\n"
+                    "```python\nimport nope\n```\n```bash\nls\n```\n", encoding="utf-8")
+    assert python_blocks(page) == [(2, "x = 1\n", None, "1\n"), (10, "import nope\n", "needs a server", None)]
+
+
+@pytest.mark.parametrize("expected, actual, same", [
+    ("loss 0.033 over 12 tokens", "loss 0.034 over 12 tokens", True),
+    ("loss 0.033 over 12 tokens", "loss 0.035 over 12 tokens", False),
+    ("loss 0.033 over 12 tokens", "loss 0.033 over 13 tokens", False),
+    ("37% then 4.9e-05", "38% then 5.0e-05", True),
+    ("37% of 64", "37% of 65", False),
+    ("37% then 4.9e-05", "37% then 4.9e-06", False),  # the exponent is text
+    ("<loc0717> box", "<loc0718> box", False),  # digits inside a token are text
+    ("took ... ms (...x)", "took 12 ms (3.1x)", True),
+    ("took ... ms (...x)", "took 12 s (3.1x)", False),
+    ("a purple circle", "a green circle", False),
+])
+def test_output_lines_match_to_the_last_written_digit(expected, actual, same):
+    assert line_matches(expected, actual) is same
