@@ -64,8 +64,9 @@ class AnswerGrammar:
             last, then_more = self._label_tokens(tokenizer, label)
             self._ends[self._insert(last)] = True
             self._next_object[self._insert(then_more)] = True
-        self._finish = self._finish_costs()
-        self._label_cost = self._finish[0]
+        # Every label can end the answer, so the cheapest finish from the root never writes " ; ".
+        self._label_cost = self._finish_costs(float("inf"))[0]
+        self._finish = self._finish_costs(self._cost(("loc", 0)))
 
     @classmethod
     def for_prompt(cls, tokenizer: Tokenizer, prompt: str, vocab_size: int | None = None) -> "AnswerGrammar":
@@ -98,8 +99,7 @@ class AnswerGrammar:
             node = state[1]
             mask[self.eos] = self._ends[node]
             for token, child in self._children[node].items():
-                after = self._cost(("loc", 0)) if self._next_object[child] else self._finish[child]
-                mask[token] = 1 + after <= budget
+                mask[token] = 1 + self._finish[child] <= budget
         return mask
 
     def advance(self, state: tuple, token: int) -> tuple:
@@ -183,14 +183,17 @@ class AnswerGrammar:
             node = self._children[node][token]
         return node
 
-    def _finish_costs(self) -> list[int]:
-        """Per trie node, the fewest tokens that end the answer from it (<eos> included). A path
-        through " ; " is never the shortest: every label can end the answer directly."""
-        costs = [0] * len(self._children)
+    def _finish_costs(self, object_cost: float) -> list[float]:
+        """Per trie node, the fewest tokens that end the answer once its token is written (<eos>
+        included); a node that completes " ; " costs `object_cost`, a whole next object."""
+        costs = [0.0] * len(self._children)
         for node in reversed(range(len(self._children))):  # children always come after their parent
+            if self._next_object[node]:
+                costs[node] = object_cost
+                continue
             options = [1] if self._ends[node] else []
-            options += [1 + costs[c] for c in self._children[node].values() if not self._next_object[c]]
-            costs[node] = min(options, default=10**9)
+            options += [1 + costs[child] for child in self._children[node].values()]
+            costs[node] = min(options, default=float("inf"))
         return costs
 
 

@@ -25,7 +25,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .tasks import TOKEN_RE, check_image_size, check_label, encode_box, leading_tokens, parse_loc_box, split_objects
+from .tasks import (
+    TOKEN_RE,
+    TokenSpan,
+    check_image_size,
+    check_label,
+    encode_box,
+    leading_tokens,
+    object_spans,
+    parse_loc_box,
+    span_score,
+)
 from .vqvae import MASK_SIZE, NUM_TOKENS, MaskCodec
 
 
@@ -37,10 +47,15 @@ class Segmentation:
     box: list[float]  # [x0, y0, x1, y1] in original image pixels
     mask: np.ndarray  # bool (height, width) of the original image, True inside the object
     codes: list[int]  # the 16 codes of the answer, row-major over the 4x4 grid
+    score: float | None = None  # in [0, 1] when the answer's token log-probs were given (as for detections)
 
     def as_json(self) -> dict:
-        """{"label", "box", "mask_rle"}: what the CLI's --json and the server return (see `mask_to_rle`)."""
-        return {"label": self.label, "box": self.box, "mask_rle": mask_to_rle(self.mask)}
+        """{"label", "box", "mask_rle"} (and "score" when known): what the CLI's --json and the server return
+        (see `mask_to_rle`)."""
+        record = {"label": self.label, "box": self.box, "mask_rle": mask_to_rle(self.mask)}
+        if self.score is not None:
+            record["score"] = self.score
+        return record
 
 
 @dataclass
@@ -49,25 +64,30 @@ class SegmentationResult:
     errors: list[str] = field(default_factory=list)  # one message per malformed object, quoting it
 
 
-def parse_segmentations(answer: str, image_size: tuple[int, int], codec: MaskCodec) -> SegmentationResult:
+def parse_segmentations(answer: str, image_size: tuple[int, int], codec: MaskCodec,
+                        token_spans: Sequence[TokenSpan] | None = None) -> SegmentationResult:
     """Parse a `segment ...` answer into labelled boxes and masks for the ORIGINAL (width, height) image.
 
     A blank answer gives no objects and no errors; each malformed object is left out of `objects` and
-    reported in `errors`, the others kept. All masks are decoded in one batch by `codec`.
+    reported in `errors`, the others kept. All masks are decoded in one batch by `codec`. With
+    `token_spans` (`GenerationResult.token_spans()`) each object gets a `score`: the product of the
+    probabilities of its 4 loc, 16 seg and label tokens, as `tasks.parse_detections` scores boxes.
     """
     check_image_size(image_size)
     result = SegmentationResult()
-    parsed: list[tuple[str, list[float], list[int]]] = []
-    for segment in split_objects(answer):
+    parsed: list[tuple[str, list[float], list[int], float | None]] = []
+    for start, end in object_spans(answer):
+        segment = answer[start:end]
         try:
-            parsed.append(_parse_object(segment, image_size, codec.config.num_codes))
+            parsed.append((*_parse_object(segment, image_size, codec.config.num_codes),
+                           span_score(token_spans, start, end)))
         except ValueError as err:
             result.errors.append(f"{err}: {segment!r}")
     if parsed:
         with torch.no_grad():
-            masks64 = codec.decode([codes for _, _, codes in parsed]).float().cpu().numpy()
-        for (label, box, codes), mask64 in zip(parsed, masks64):
-            result.objects.append(Segmentation(label, box, mask_in_box(mask64, box, image_size), codes))
+            masks64 = codec.decode([codes for _, _, codes, _ in parsed]).float().cpu().numpy()
+        for (label, box, codes, score), mask64 in zip(parsed, masks64):
+            result.objects.append(Segmentation(label, box, mask_in_box(mask64, box, image_size), codes, score))
     return result
 
 

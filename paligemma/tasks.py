@@ -90,7 +90,7 @@ def prompt_task(prompt: str) -> str:
 def prompt_labels(prompt: str) -> list[str]:
     """The labels a `detect` / `segment` prompt asks for: "detect triangle ; circle" -> ["triangle", "circle"]."""
     words = prompt.split(maxsplit=1)
-    return [label for label in split_objects(words[1])] if len(words) == 2 else []
+    return [label for label in split_objects(words[1]) if label] if len(words) == 2 else []
 
 
 def split_objects(answer: str) -> list[str]:
