@@ -50,6 +50,7 @@ _PLUGINS = [
     ("finetune", "paligemma.finetune.cli", "fine-tune a checkpoint on your data"),
     ("serve", "paligemma.server.cli", "serve a model over HTTP"),
     ("demo-eval", "paligemma.demo.cli", "evaluate a model on the demo shapes world"),
+    ("eval", "paligemma.evaluation.cli", "score a model on a JSONL set with its task's metric (CIDEr, mAP, ...)"),
     ("convert", "paligemma.convert_cli", "convert big_vision .npz checkpoints to and from HF folders"),
 ]
 
