@@ -37,6 +37,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import PaliGemmaError
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# Pillow format names opened from files and bytes; PIL images and arrays are taken as they are.
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+_FORMAT_NAMES = "PNG, JPEG, GIF, WebP, BMP, TIFF"
+_BAND_ROWS = 256
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, io.IOBase]
 
@@ -49,8 +53,25 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
     """Decode `source` and convert it to RGB exactly as transformers does (see module docstring).
 
     Returns an (H, W, 3) uint8 array of the upright image; its size is the `original_size` that
-    detection boxes map back to. Raises `ImageError` for unreadable, empty or oversized images.
+    detection boxes map back to. Raises `ImageError` for unreadable, empty or oversized images, and
+    for files in a format outside `ALLOWED_FORMATS`.
     """
+    rgb = _load_rgb(source, max_pixels)
+    return np.asarray(rgb) if isinstance(rgb, Image.Image) else rgb
+
+
+def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an encoded image, read from its header without decoding the pixels.
+
+    Raises `ImageError` as `load_image` would for a format outside `ALLOWED_FORMATS`, an unreadable
+    header or more than `max_pixels` pixels, so a caller can refuse a request before decoding anything.
+    """
+    with _open(io.BytesIO(data), f"image bytes ({len(data)} bytes)", max_pixels) as image:
+        return image.size  # before EXIF rotation, which does not change the pixel count
+
+
+def _load_rgb(source: ImageInput, max_pixels: int) -> Image.Image | np.ndarray:
+    """`source` as upright RGB: a PIL image in mode RGB for encoded and PIL input, else an array."""
     if isinstance(source, Image.Image):
         _check_size(source.size, "PIL image", max_pixels)
         return _pil_to_rgb(source, "PIL image")
@@ -139,14 +160,32 @@ class ImageProcessor:
             max_pixels=max_pixels,
         )
 
-    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 RGB -> (3, height, width) float32, in transformers' order of operations."""
+    def resize(self, rgb: np.ndarray | Image.Image) -> np.ndarray:
+        """Upright RGB (an (H, W, 3) uint8 array or a mode-RGB PIL image) -> the (height, width, 3)
+        uint8 pixels that `preprocess` rescales. An image already at the model's size is returned
+        as it is (PIL's resize to the same size is a copy), so resizing twice changes nothing."""
         if self.do_resize:
-            resized = Image.fromarray(rgb).resize((self.width, self.height), resample=Image.Resampling(self.resample))
-            rgb = np.asarray(resized)
-        elif rgb.shape[:2] != (self.height, self.width):
+            image = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
+            return np.asarray(image.resize((self.width, self.height), resample=Image.Resampling(self.resample)))
+        rgb = np.asarray(rgb)
+        if rgb.shape[:2] != (self.height, self.width):
             raise ImageError(f"image is {rgb.shape[1]}x{rgb.shape[0]} but the model needs {self.width}x{self.height} "
                              "and preprocessor_config.json has do_resize false: resize it first")
+        return rgb
+
+    def load_resized(self, source: ImageInput) -> tuple[np.ndarray, tuple[int, int]]:
+        """Decode `source` and resize it at once: (the `resize` pixels, the original (width, height)).
+
+        For callers that keep images around (the server's queue): only model-size pixels are held,
+        never the full-size ones, and `preprocess` of the result equals `preprocess` of `source`.
+        """
+        rgb = _load_rgb(source, self.max_pixels)
+        size = rgb.size if isinstance(rgb, Image.Image) else (rgb.shape[1], rgb.shape[0])
+        return self.resize(rgb), size
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (3, height, width) float32, in transformers' order of operations."""
+        rgb = self.resize(rgb)
         x = rgb
         if self.do_rescale:
             # transformers multiplies in float64 and rounds to float32 once.
@@ -177,36 +216,60 @@ class ImageProcessor:
 
 # ---------------------------------------------------------------------- decoding and RGB conversion
 
-def _decode(stream: Any, what: str, max_pixels: int) -> np.ndarray:
+def _open(stream: Any, what: str, max_pixels: int) -> Image.Image:
+    """Parse the header only (format and size); refuse other formats and oversized images."""
     try:
-        image = Image.open(stream)  # parses the header only
+        # Only the formats photos come in: other Pillow plugins (EPS runs Ghostscript, ...) are
+        # attack surface that no PaliGemma user needs.
+        image = Image.open(stream, formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as err:
         raise ImageError(f"{what} is too large for PIL's decompression-bomb guard ({err}); downscale it first") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageError(f"{what} is not a readable image (empty, corrupt or an unsupported format): {err}") from err
-    with image:
-        _check_size(image.size, what, max_pixels)
-        try:
-            image.load()
-            # transformers' load_image: rotate per EXIF, then a plain RGB conversion.
-            image = ImageOps.exif_transpose(image).convert("RGB")
-        except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
-            raise ImageError(f"{what} could not be decoded (truncated or corrupt file?): {err}") from err
+    except UnidentifiedImageError:
+        # PIL's message names the stream object (a heap address); say what is accepted instead.
+        raise ImageError(f"{what} is not a readable image: empty, corrupt, or not in an accepted format "
+                         f"({_FORMAT_NAMES}); convert it to PNG or JPEG") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageError(f"{what} is not a readable image (empty or corrupt): {err}") from err
+    _check_size(image.size, what, max_pixels)
+    return image
+
+
+def _decode(stream: Any, what: str, max_pixels: int) -> Image.Image:
+    """Decode to an upright mode-RGB PIL image, making no full-size copy that is not needed."""
+    image = _open(stream, what, max_pixels)
+    try:
+        image.load()
+        # transformers' load_image: rotate per EXIF, then a plain RGB conversion (of an RGB image, a copy).
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        raise ImageError(f"{what} could not be decoded (truncated or corrupt file?): {err}") from err
     return _pil_to_rgb(image, what)
 
 
-def _pil_to_rgb(image: Image.Image, what: str) -> np.ndarray:
+def _pil_to_rgb(image: Image.Image, what: str) -> Image.Image:
     """transformers' `convert_to_rgb` for PIL images: alpha is composited onto white."""
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, rgba).convert("RGB")
-        else:
-            image = image.convert("RGB")
+            return _composite_on_white(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:
         raise ImageError(f"{what} (mode {image.mode}) could not be converted to RGB: {err}") from err
-    return np.asarray(image)
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    """`alpha_composite(white, image.convert("RGBA")).convert("RGB")`, a band of rows at a time.
+
+    Every step works pixel by pixel, so the bands give the same bytes as the whole image, while the
+    three full-size RGBA intermediates (12 bytes a pixel: 300 MB at 25 MP) are never held at once.
+    """
+    out = Image.new("RGB", image.size)
+    for top in range(0, image.height, _BAND_ROWS):
+        band = image.crop((0, top, image.width, min(top + _BAND_ROWS, image.height))).convert("RGBA")
+        white = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, band).convert("RGB"), (0, top))
+    return out
 
 
 def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:

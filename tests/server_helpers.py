@@ -1,12 +1,18 @@
-"""A live PaliGemma server for tests: uvicorn in a background thread on 127.0.0.1, a free port."""
+"""A live PaliGemma server for tests: uvicorn in a background thread on 127.0.0.1, a free port,
+or `paligemma serve` in a child process."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from PIL import Image
 
@@ -43,6 +49,36 @@ def running_server(app, timeout: float = 20.0):
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+@contextmanager
+def serve_process(model_dir, *options: str, timeout: float = 120.0):
+    """Run `paligemma serve --model model_dir *options` on 127.0.0.1 (free port) in a child process;
+    yields (base URL, the process) once /health answers."""
+    import httpx
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "paligemma", "serve", "--model", str(model_dir), "--port", str(port), *options]
+    process = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(20)
 
 
 def force_tokens(monkeypatch, model, tokens: list[int]) -> list:

@@ -381,11 +381,15 @@ def test_bad_fields_get_openai_shaped_4xx(server, photos, field):
 
 def test_malformed_json_too_large_bodies_and_unknown_routes(server):
     url = server[0] + "/v1/chat/completions"
-    _assert_openai_error(httpx.post(url, content=b"{not json", timeout=30), 400)
-    _assert_openai_error(httpx.post(url, content=b"\xff\xfe", timeout=30), 400)
-    _assert_openai_error(httpx.post(url, content=b"[" * 100_000, timeout=30), 400)
-    _assert_openai_error(httpx.post(url, content=b"{\"n\": " + b"9" * 5000 + b"}", timeout=30), 400)
-    _assert_openai_error(httpx.post(url, content=b" " * (3 * 1024 * 1024), timeout=30), 413)
+
+    def post(content):
+        return httpx.post(url, content=content, headers={"content-type": "application/json"}, timeout=30)
+
+    _assert_openai_error(post(b"{not json"), 400)
+    _assert_openai_error(post(b"\xff\xfe"), 400)
+    _assert_openai_error(post(b"[" * 100_000), 400)
+    _assert_openai_error(post(b"{\"n\": " + b"9" * 5000 + b"}"), 400)
+    _assert_openai_error(post(b" " * (3 * 1024 * 1024)), 413)
     _assert_openai_error(httpx.get(server[0] + "/v1/nothing-here"), 404)
     _assert_openai_error(httpx.get(url), 405)
 

@@ -3,28 +3,39 @@
 Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats, GET / (web page).
 Every error is answered as `{"error": {"message", "type", "param", "code"}}`. Request handlers
 only parse, fetch and decode (in worker threads); the model is touched by the engine's thread alone.
-See docs/server.md.
+
+A request's memory is bounded before it is spent: the body by its size, then the image count and
+prompt length, the token count against the context, each image's encoded size and header (format,
+pixel count), and only then the pixels, decoded a few images at a time (`decode_concurrency`) and
+resized to the model's input size at once, so a queued job holds model-size pixels only.
+See docs/server.md and docs/security.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import dataclasses
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..generation import GenerationResult, StreamEvent
-from ..images import ImageError, load_image
+from ..images import ImageError, ImageProcessor, image_size
 from ..segmentation import parse_segmentations
 from ..tasks import parse_detections, prompt_task
 from .batcher import BatchEngine, ImageData, Job, QueueFullError
@@ -34,6 +45,12 @@ from .schemas import APIError, ChatRequest, RequestLimits, parse_chat_request
 log = logging.getLogger("paligemma.server")
 STATIC_DIR = Path(__file__).parent / "static"
 _FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+RETRY_AFTER_S = "1"
+# After a decode this large, freed memory is handed back to the OS: Pillow's 16 MB pixel blocks
+# fall below glibc's adaptive mmap threshold and would stay resident in malloc's per-thread arenas.
+# Smaller decodes are left alone: their memory is reused by the next one.
+_TRIM_AFTER_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,10 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 25_000_000
+    decode_concurrency: int = 1  # full-size images decoded at the same time, server-wide
+    # Host header names answered (any port); None answers any. Loopback names by default, so a web
+    # page the user visits cannot reach a local server through DNS rebinding.
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
     request: RequestLimits = RequestLimits()
     fetch: FetchLimits = FetchLimits()
 
@@ -56,17 +77,30 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
         await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="PaliGemma", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.allowed_hosts is not None:
+        app.add_middleware(_TrustedHosts, allowed=settings.allowed_hosts)
     app.state.engine, app.state.settings = engine, settings
     created = int(time.time())
+    counters = {"upload_disconnects": 0}
+    admission = _Admission(engine)
+    resizer = dataclasses.replace(engine.processor.image_processor, max_pixels=settings.max_image_pixels)
+    decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code)
+        return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code,
+                            headers=err.headers)  # 405 carries Allow
+
+    @app.exception_handler(ClientDisconnect)
+    async def upload_abandoned(request: Request, err: ClientDisconnect):
+        # The client left mid-upload: nothing to answer and nothing wrong with the server.
+        counters["upload_disconnects"] += 1
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
@@ -84,7 +118,7 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
     @app.get("/stats")
     async def stats(request: Request):
         _check_api_key(request, settings)
-        return engine.stats()
+        return {**engine.stats(), **counters}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -95,12 +129,17 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_api_key(request, settings)
-        body = await _read_json(request, settings.max_body_bytes)
-        chat = parse_chat_request(body, settings.request)
-        images = await run_in_threadpool(_load_images, chat.image_urls, settings)
-        max_tokens = await run_in_threadpool(_max_tokens, chat, engine, len(images), settings.request)
-        completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name, mask_codec)
-        completion.submit()
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":  # a page's "simple" cross-site POST cannot send this type
+            raise APIError(415, f"Content-Type must be application/json, got {media_type[:60] or 'none'!r}",
+                           code="unsupported_media_type")
+        with admission:
+            chat = parse_chat_request(await _read_json(request, settings.max_body_bytes), settings.request)
+            max_tokens = await run_in_threadpool(_max_tokens, chat, engine, len(chat.image_urls), settings.request)
+            images = await run_in_threadpool(_load_images, chat.image_urls, settings.fetch, resizer, decode_slots)
+            chat.image_urls = []  # the encoded images (up to the body size) are not kept while queued
+            completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name, mask_codec)
+            completion.submit()
         if chat.stream:
             # The background task also cancels a job whose client left before the stream began.
             return StreamingResponse(completion.sse(), media_type="text/event-stream",
@@ -130,26 +169,65 @@ async def _read_json(request: Request, limit: int):
         if size > limit:
             raise APIError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
         chunks.append(chunk)
+    body = b"".join(chunks)
+    chunks.clear()  # while parsing, the body is held twice (bytes and parsed strings), not three times
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(body)
     except (ValueError, RecursionError) as err:  # ValueError: bad JSON, bad UTF-8, over-long integers
         raise APIError(400, f"could not parse the JSON body: {err}"[:300], code="invalid_json") from None
 
 
-def _load_images(urls: list[str], settings: ServerSettings) -> list[ImageData]:
-    """Fetch/decode every image of a request (blocking; runs in a worker thread)."""
-    images = []
+def _load_images(urls: list[str], fetch: FetchLimits, resizer: ImageProcessor,
+                 decode_slots: threading.BoundedSemaphore) -> list[ImageData]:
+    """Fetch, check and decode every image of a request (blocking; runs in a worker thread).
+
+    Every image's bytes and header (format, pixel count) are checked before any is decoded. Each
+    is then decoded while holding a decode slot and resized at once, so at most `decode_slots`
+    full-size images exist server-wide.
+    """
+    encoded = []
     for index, url in enumerate(urls):
-        param = f"image {index}"
-        try:
-            data = read_image_url(url, settings.fetch)
-            images.append(ImageData.from_bytes(data, load_image(data, max_pixels=settings.max_image_pixels)))
-        except ImageSourceError as err:
-            status = 403 if err.code == "image_url_forbidden" else 400
-            raise APIError(status, f"{param}: {err}", "messages", err.code) from None
-        except ImageError as err:
-            raise APIError(400, f"{param}: {err}", "messages", "invalid_image") from None
+        with _image_errors(index):
+            data = read_image_url(url, fetch)
+            width, height = image_size(data, resizer.max_pixels)
+        encoded.append((data, width * height))
+    images = []
+    for index, (data, pixels) in enumerate(encoded):
+        with _image_errors(index), decode_slots:
+            rgb, original_size = resizer.load_resized(data)  # the full-size pixels are freed on return
+            if pixels >= _TRIM_AFTER_PIXELS:
+                _return_freed_memory()  # before the next decode, maybe on another thread's arena
+        images.append(ImageData.from_bytes(data, rgb, original_size))
+        encoded[index] = None
     return images
+
+
+@contextlib.contextmanager
+def _image_errors(index: int):
+    """ImageSourceError / ImageError about request image `index` -> an APIError."""
+    try:
+        yield
+    except ImageSourceError as err:
+        status = 403 if err.code == "image_url_forbidden" else 400
+        raise APIError(status, f"image {index}: {err}", "messages", err.code) from None
+    except ImageError as err:
+        raise APIError(400, f"image {index}: {err}", "messages", "invalid_image") from None
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere
+    except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim, about 10 ms); elsewhere a no-op."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _max_tokens(chat: ChatRequest, engine: BatchEngine, num_images: int, limits: RequestLimits) -> int:
@@ -188,8 +266,7 @@ class _Completion:
         try:
             self.engine.submit(self.job)
         except QueueFullError as err:
-            raise APIError(429, f"server busy ({err}); retry shortly", code="server_busy",
-                           type="rate_limit_error") from None
+            raise _busy(str(err)) from None
 
     async def _next(self) -> StreamEvent:
         item = await self.events.get()
@@ -272,6 +349,55 @@ class _Completion:
             return {"paligemma": {"segmentations": [o.as_json() for o in segmented.objects],
                                   "segmentation_errors": segmented.errors, "image_size": list(size)}}
         return {}
+
+
+def _busy(why: str) -> APIError:
+    return APIError(429, f"server busy ({why}); retry shortly", code="server_busy", type="rate_limit_error",
+                    headers={"Retry-After": RETRY_AFTER_S})
+
+
+class _Admission:
+    """Counts requests being read and decoded as waiting: with the engine's queue they may not exceed
+    its `max_queue`, so at most `max_queue` requests hold a body or images (runs on the event loop)."""
+
+    def __init__(self, engine: BatchEngine):
+        self.engine, self.preparing = engine, 0
+
+    def __enter__(self):
+        queued = self.engine.stats()["queued"]
+        if self.preparing + queued >= self.engine.max_queue:
+            raise _busy(f"{queued} requests are waiting, {self.preparing} more are being read")
+        self.preparing += 1
+
+    def __exit__(self, *exc_info):
+        self.preparing -= 1
+
+
+class _TrustedHosts:
+    """ASGI middleware answering 400 to a request whose Host header is not an allowed name (any port)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {name.lower().strip("[]") for name in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _host_name(Headers(scope=scope).get("host", "")) not in self.allowed:
+            error = APIError(400, f"Host header not allowed: this server answers {sorted(self.allowed)} "
+                             "(paligemma serve --allowed-hosts)", code="invalid_host")
+            await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _host_name(header: str) -> str | None:
+    """The lower-case name of a Host header ("[::1]:8000" -> "::1"); None when malformed."""
+    if header.startswith("["):
+        name, bracket, port = header[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return None
+        port = port[1:]
+    else:
+        name, _, port = header.partition(":")
+    return name.lower() if name and (not port or port.isdigit()) else None
 
 
 def _usage(result: GenerationResult) -> dict:

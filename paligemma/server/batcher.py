@@ -39,19 +39,17 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class ImageData:
-    """A decoded request image: upright RGB pixels and the sha256 of the bytes it was decoded from."""
+    """A request image as queued: upright RGB pixels already at the model's input size (so a waiting
+    job never holds full-size pixels), the original image's size and the sha256 of its bytes."""
 
-    rgb: np.ndarray  # (H, W, 3) uint8
+    rgb: np.ndarray  # (H, W, 3) uint8; the server stores ImageProcessor.resize output, (height, width, 3)
     digest: str
+    size: tuple[int, int]  # (width, height) of the original image: what detection boxes map back to
 
     @classmethod
-    def from_bytes(cls, data: bytes, rgb: np.ndarray) -> "ImageData":
-        return cls(rgb, hashlib.sha256(data).hexdigest())
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height): what detection boxes map back to."""
-        return self.rgb.shape[1], self.rgb.shape[0]
+    def from_bytes(cls, data: bytes, rgb: np.ndarray, size: tuple[int, int] | None = None) -> "ImageData":
+        """`size` defaults to the size of `rgb` (when `rgb` is the original)."""
+        return cls(rgb, hashlib.sha256(data).hexdigest(), size or (rgb.shape[1], rgb.shape[0]))
 
 
 @dataclass

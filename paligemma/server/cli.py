@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", help="model id reported by /v1/models and in responses "
                         "(default: the checkpoint directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--allowed-hosts", help="comma-separated Host header names answered, any port, or '*' for "
+                        "any (default: localhost,127.0.0.1,::1 when --host is a loopback address, else any)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV} "
                         "if set, else no key)")
@@ -44,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
     parser.add_argument("--max-image-pixels", type=int, default=25_000_000,
                         help="largest decoded image, width x height (default 25M)")
+    parser.add_argument("--decode-concurrency", type=int, default=1,
+                        help="full-size images decoded at the same time (default 1; each needs up to "
+                        "8 bytes x --max-image-pixels while it is decoded)")
+    parser.add_argument("--max-prompt-chars", type=int, default=16_384,
+                        help="longest prompt in characters, checked before tokenizing (default 16384)")
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default 32)")
     parser.add_argument("--image-cache-size", type=int, default=32,
                         help="images whose encoded features are kept (LRU; default 32, 0 = off)")
@@ -56,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, load the model, serve until interrupted. User errors raise PaliGemmaError."""
-    for name in ("max_batch_size", "max_queue", "max_tokens_cap", "max_images", "max_image_pixels"):
+    for name in ("max_batch_size", "max_queue", "max_tokens_cap", "max_images", "max_image_pixels",
+                 "decode_concurrency", "max_prompt_chars"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.image_cache_size < 0 or args.batch_window_ms < 0 or not 0 < args.port < 65536:
@@ -66,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import ServerSettings, create_app
+        from .app import LOOPBACK_HOSTS, ServerSettings, create_app
     except ImportError as err:
         raise UsageError(f"paligemma serve needs FastAPI and uvicorn ({err}): pip install 'paligemma[serve]'") from None
+    allowed_hosts = _allowed_hosts(args.allowed_hosts, args.host, LOOPBACK_HOSTS)
     from .batcher import BatchEngine
     from .image_sources import FetchLimits
     from .schemas import RequestLimits
@@ -88,14 +97,25 @@ def run(args: argparse.Namespace) -> int:
     mib = 1024 * 1024
     settings = ServerSettings(
         model_name=args.model_name or directory.name, api_key=api_key, max_body_bytes=int(args.max_body_mb * mib),
-        max_image_pixels=args.max_image_pixels,
-        request=RequestLimits(max_tokens_cap=args.max_tokens_cap, max_images=args.max_images),
+        max_image_pixels=args.max_image_pixels, decode_concurrency=args.decode_concurrency, allowed_hosts=allowed_hosts,
+        request=RequestLimits(max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
+                              max_prompt_chars=args.max_prompt_chars),
         fetch=FetchLimits(allow_remote=args.allow_remote_images, max_bytes=int(args.remote_image_max_mb * mib),
                           timeout_s=args.remote_image_timeout))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"serving {settings.model_name} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     uvicorn.run(create_app(engine, settings, mask_codec), host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _allowed_hosts(option: str | None, host: str, loopback_names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--allowed-hosts as ServerSettings.allowed_hosts (None: any Host header)."""
+    if option is None:
+        return loopback_names if _is_loopback(host) else None
+    names = tuple(name.strip() for name in option.split(",") if name.strip())
+    if not names:
+        raise UsageError("--allowed-hosts needs at least one host name, or '*' for any")
+    return None if "*" in names else names
 
 
 def _is_loopback(host: str) -> bool:

@@ -4,7 +4,9 @@ Remote fetching is off by default. When it is on, a fetch must not become a way 
 server's own network (SSRF), so:
 
 - the host name is resolved and EVERY address it resolves to must be public (not private,
-  loopback, link-local, multicast, reserved or unspecified; IPv4-mapped IPv6 is unwrapped);
+  loopback, link-local, site-local, multicast, reserved or unspecified); an IPv6 address that
+  carries an IPv4 one (IPv4-mapped, NAT64 64:ff9b::/96) is judged by that IPv4 address, and 6to4
+  (2002::/16, which can wrap 127.0.0.1) and local-use NAT64 (64:ff9b:1::/48) are refused whole;
 - the connection goes to the address that was checked (pinned), so a second DNS answer cannot
   swap in a private one; HTTPS still verifies the certificate for the host name;
 - redirects are followed by hand (at most `MAX_REDIRECTS`), each target checked the same way;
@@ -30,6 +32,10 @@ from ..errors import PaliGemmaError
 
 MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: the last 32 bits are an IPv4 address
+# Python's is_global lets these through: 6to4 (relays to the embedded IPv4, 127.0.0.1 included),
+# deprecated site-local, and local-use NAT64 (translates to any IPv4 address, private ones included).
+_NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(net) for net in ("2002::/16", "fec0::/10", "64:ff9b:1::/48"))
 
 
 class ImageSourceError(PaliGemmaError, ValueError):
@@ -50,8 +56,13 @@ class FetchLimits:
 def is_public_address(address: str) -> bool:
     """True when `address` (IPv4 or IPv6 text) is globally routable, i.e. safe to fetch from."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif any(ip in net for net in _NOT_PUBLIC_V6):
+            return False
     return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
                                  or ip.is_reserved or ip.is_unspecified)
 

@@ -14,6 +14,7 @@ How a conversation becomes one PaliGemma prompt (PaliGemma is not a chat model):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +22,22 @@ from ..tokenizer import IMAGE_TOKEN
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
+_OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
 
 
 class APIError(Exception):
-    """An error answered as `{"error": {...}}` with HTTP `status`."""
+    """An error answered as `{"error": {...}}` with HTTP `status` (and `headers`, e.g. Retry-After).
+
+    Object reprs are cut from the message: they come from library errors and would tell a client
+    the server's heap addresses.
+    """
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        message = _OBJECT_REPR.sub("<object>", message)
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -39,6 +47,7 @@ class APIError(Exception):
 class RequestLimits:
     max_tokens_cap: int = 256  # largest max_tokens a request may ask for; also the default
     max_images: int = 4  # images per request
+    max_prompt_chars: int = 16_384  # checked before the prompt is tokenized
 
 
 @dataclass
@@ -65,8 +74,9 @@ def parse_chat_request(body: Any, limits: RequestLimits) -> ChatRequest:
     _refuse_unsupported(body)
     prompt, image_urls = _prompt_and_images(body.get("messages"), limits)
 
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    # OpenAI clients send both names, the unused one as null: the first that is set counts.
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(param)
     if max_tokens is not None:
         max_tokens = _integer(max_tokens, param, minimum=1)
         if max_tokens > limits.max_tokens_cap:
@@ -111,6 +121,9 @@ def _prompt_and_images(messages: Any, limits: RequestLimits) -> tuple[str, list[
     if role != "user":
         raise APIError(400, f"the last message must have role 'user' (got {role!r}): its text is PaliGemma's prompt",
                        f"messages[{len(parsed) - 1}].role")
+    if len(text) > limits.max_prompt_chars:
+        raise APIError(400, f"the prompt is {len(text):,} characters; this server takes at most "
+                       f"{limits.max_prompt_chars:,}", f"messages[{len(parsed) - 1}].content", "prompt_too_long")
     if not text:
         raise APIError(400, "the last user message has no text: give a task prompt such as 'caption en', "
                        "'detect cat' or 'answer en what is in the image?'", f"messages[{len(parsed) - 1}].content")
