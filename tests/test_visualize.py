@@ -227,3 +227,19 @@ def test_cli_attention_token_out_of_range(capsys, tmp_path, tiny_checkpoint_dir,
     code, _, err = _generate(capsys, tiny_checkpoint_dir, photo_file, "--attention-map", str(tmp_path / "a.png"),
                              "--attention-token", "4")  # at most 4 tokens: 0..3
     assert code == 2 and "out of range" in err and not (tmp_path / "a.png").exists()
+
+
+def test_tour_figure_script_draws_every_tour_picture(tmp_path):
+    """docs/make_tour_figures.py regenerates exactly the tour_*.png files docs/tour.md shows."""
+    import importlib.util
+    import re
+
+    docs = DEMO_MODEL_DIR.parent.parent / "docs"
+    spec = importlib.util.spec_from_file_location("make_tour_figures", docs / "make_tour_figures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out", str(tmp_path)])
+    shown = set(re.findall(r"\(assets/(tour_[\w]+\.png)\)", (docs / "tour.md").read_text(encoding="utf-8")))
+    assert shown and {p.name for p in tmp_path.iterdir()} == shown
+    for name in shown:
+        assert _png_size(tmp_path / name)[0] > 300
