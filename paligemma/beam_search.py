@@ -35,8 +35,8 @@ from typing import Sequence
 import torch
 
 from .constrained import grammars_for
+from .decoding import DecodeSession, GenerationResult, row_counts, row_values
 from .errors import UsageError
-from .generation import DecodeSession, GenerationResult, _counts, _per_row
 from .model import PaliGemma
 from .sampling import SamplingParams
 
@@ -155,11 +155,11 @@ def beam_search(model: PaliGemma, processor, images, prompts: str | Sequence[str
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     inputs = processor(images=images, prompts=prompts, with_pixels=image_features is None)
     batch = len(prompts)
-    counts = _counts(n, batch, "n")
-    if any(count > num_beams for count in counts):
+    answers = row_counts(n, batch, "n")
+    if any(count > num_beams for count in answers):
         raise UsageError(f"n ({n}) cannot exceed num_beams ({num_beams}): beam search finds num_beams answers")
-    max_new = _per_row(max_new_tokens, batch, "max_new_tokens")
-    grammars = grammars_for(processor.tokenizer, prompts, _per_row(constrain, batch, "constrain"),
+    max_new = row_values(max_new_tokens, batch, "max_new_tokens")
+    grammars = grammars_for(processor.tokenizer, prompts, row_values(constrain, batch, "constrain"),
                             model.config.text.vocab_size)
     rows = [prompt for prompt in range(batch) for _ in range(num_beams)]
     session = DecodeSession(model, inputs, [max_new[p] for p in rows], SamplingParams(), None, image_features,
@@ -179,7 +179,7 @@ def beam_search(model: PaliGemma, processor, images, prompts: str | Sequence[str
 
     results = []
     for prompt in range(batch):
-        for tokens, logprobs, score in beams.answers(prompt, counts[prompt]):
+        for tokens, logprobs, score in beams.answers(prompt, answers[prompt]):
             prompt_tokens = session.prompt_tokens[prompt * num_beams]
             results.append(_result(processor.tokenizer, tokens, logprobs, score, prompt_tokens, dict(session.timings)))
     return results
