@@ -12,8 +12,10 @@
 Weights and optimizer state are stored unsharded and keyed by parameter name, whatever the run
 (one process, DDP or FSDP), so any of them resumes from any other's checkpoint.
 Nothing is pickled: tensors go to safetensors, everything else to JSON, so resuming from a
-checkpoint of unknown origin cannot run code. A checkpoint is written to a temporary folder and
-renamed into place, so a crash mid-save never leaves a half checkpoint that `--resume` would pick.
+checkpoint of unknown origin cannot run code. A checkpoint, like `final/`, is written to a
+temporary folder and swapped into place in one step (atomic_files.write_folder), so a run killed at
+any moment leaves the previous complete folder or the new one, never a half-written one that
+`--resume` or a user would pick.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic_files import write_folder
 from ..loading import load_model
 from ..model import PaliGemma
 from ..vqvae import MASK_CODEC_FILE
@@ -93,16 +96,25 @@ def save_checkpoint(directory: Path, model: PaliGemma, optimizer: torch.optim.Op
     optimizer_state = full_optimizer_state(model, optimizer)
     torch_rng = all_gather_tensor(torch.get_rng_state(), env)  # each rank's: LoRA dropout draws differ per rank
     if env.is_main:
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model_folder(plain, tmp, model_dir, extra_files)
-        tensors, groups = _flatten_optimizer(optimizer_state)
-        tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(torch_rng)})
-        save_file(tensors, tmp / OPTIMIZER_FILE)
-        state = dict(state, optimizer_param_groups=groups, rng=_python_numpy_rng())
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
+        def fill(tmp: Path) -> None:
+            save_model_folder(plain, tmp, model_dir, extra_files)
+            tensors, groups = _flatten_optimizer(optimizer_state)
+            tensors.update({f"rng.torch.{rank}": state for rank, state in enumerate(torch_rng)})
+            save_file(tensors, tmp / OPTIMIZER_FILE)
+            trainer_state = dict(state, optimizer_param_groups=groups, rng=_python_numpy_rng())
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n", encoding="utf-8")
+
+        write_folder(directory, fill)
+    barrier(env)
+
+
+def save_final(directory: Path, model: PaliGemma, model_dir: str | Path | None, env: DistEnv,
+               extra_files: tuple[str, ...] = ()) -> None:
+    """The trained model as a loadable folder (`save_model_folder`), swapped in for `directory` in one step.
+    Collective (an FSDP model is gathered); rank 0 writes."""
+    plain = gathered_model(model)
+    if env.is_main:
+        write_folder(directory, lambda tmp: save_model_folder(plain, tmp, model_dir, extra_files))
     barrier(env)
 
 

@@ -17,6 +17,7 @@ import sys
 
 from ..cli_common import add_model_arguments, checkpoint_dir, load
 from ..errors import UsageError
+from ..evaluation.data import TASKS
 from .trainer import TrainConfig
 
 
@@ -27,12 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data and files")
     io.add_argument("--data", required=True, help="training JSONL: {image, prefix, suffix} per line")
     io.add_argument("--eval-data", help="held-out JSONL, evaluated every --eval-every steps and at the end")
+    io.add_argument("--eval-task", choices=TASKS,
+                    help="also score --eval-data with this task's metrics, as `paligemma eval` does (docs/eval.md)")
     io.add_argument("--out", required=True, help="output folder: checkpoint-STEP/, final/, metrics.jsonl")
-    io.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                    help="resume from the latest checkpoint in --out, or from the folder given")
+    runs = io.add_mutually_exclusive_group()
+    runs.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                      help="resume from the latest checkpoint in --out, or from the folder given")
+    runs.add_argument("--overwrite", action="store_true",
+                      help="--out holds an earlier run: delete its files (checkpoints, final/, logs) and start "
+                           "again (without this or --resume such a folder is refused)")
     io.add_argument("--strict", action="store_true", help="stop at the first bad data row instead of skipping it")
+    io.add_argument("--max-bad-fraction", type=float, default=0.5, metavar="F",
+                    help="stop when more than this fraction of the rows of --data (or of --eval-data) cannot be "
+                         "used (default 0.5); fewer are skipped and listed in --out/skipped_rows.jsonl")
     io.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes decoding images")
-    io.add_argument("--max-length", type=int, help="refuse samples longer than this many tokens")
+    io.add_argument("--max-length", type=int, help="skip (as bad rows) samples longer than this many tokens")
 
     length = parser.add_argument_group("schedule").add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
@@ -68,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The `TrainConfig` the parsed arguments describe; UsageError if they do not fit together."""
+    if args.eval_task and not args.eval_data:
+        raise UsageError("--eval-task scores the --eval-data set: give --eval-data too")
     try:
         return _train_config(args)
     except ValueError as err:  # TrainConfig's own checks, all of them about the options given
@@ -83,7 +95,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         freeze=tuple(part.strip() for part in args.freeze.split(",") if part.strip()),
         attention_only=args.attention_only, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, seed=args.seed, max_length=args.max_length, strict=args.strict,
-        num_workers=args.num_workers, eval_every=args.eval_every, save_every=args.save_every,
+        max_bad_fraction=args.max_bad_fraction, overwrite=args.overwrite,
+        num_workers=args.num_workers, eval_every=args.eval_every, eval_task=args.eval_task,
+        save_every=args.save_every,
         log_every=args.log_every, resume=args.resume, progress=not args.no_progress, fsdp=args.fsdp,
     )
 
@@ -99,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     directory = checkpoint_dir(args.model)
     config.model_dir = str(directory)
     env = init_distributed()
-    model, processor, _ = load(directory, args.dtype)
-    summary = train(model, processor, args.data, config, eval_data=args.eval_data)
+    model, processor, codec = load(directory, args.dtype)
+    summary = train(model, processor, args.data, config, eval_data=args.eval_data, mask_codec=codec)
     if env.is_main:
         report = {"steps": summary.steps, "final_loss": summary.final_loss, "final_dir": summary.final_dir,
                   "trainable_parameters": summary.trainable_parameters, "elapsed_s": round(summary.elapsed, 2)}

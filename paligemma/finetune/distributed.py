@@ -72,6 +72,15 @@ def all_gather_tensor(value: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
     return gathered
 
 
+def all_gather_objects(value, env: DistEnv) -> list:
+    """[rank 0's value, rank 1's, ...] of any picklable value (small ones: it is pickled through gloo)."""
+    if not env.enabled:
+        return [value]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

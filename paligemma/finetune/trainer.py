@@ -6,13 +6,17 @@ over *all* its suffix tokens, so accumulation equals one big batch, and 2 proces
 float rounding: `step.train_step` does the forward and backward passes.
 
 Deterministic given `seed`: the data order is a function of (seed, epoch) alone
-(`MicroBatchSampler`), and a resumed run restores the step, optimizer and RNG states, so it
-retraces the uninterrupted run exactly.
+(`MicroBatchSampler`), a row found unusable while its batch is built is replaced by a function of
+the row alone (`data.TrainingCollator`), and a resumed run restores the step, optimizer, RNG states
+and the rows found unusable so far, so it retraces the uninterrupted run exactly.
+
+No run is lost or mixed: the run folder is claimed first (`run_folder.claim`: an existing run is
+refused unless resumed or overwritten), every file is written in one step, and bad data rows are
+skipped and reported (`run_folder.SkipReport`) until more than `max_bad_fraction` of them are bad.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -23,17 +27,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..model import PaliGemma
 from . import checkpoint as ckpt
 from . import lora
-from .data import Collator, DataError, MicroBatchSampler, as_dataset
-from .distributed import DistEnv, barrier, init_distributed, shard_bounds, wrap_model
-from .evaluation import evaluate
+from .data import DataError, MicroBatchSampler, TrainingCollator, as_dataset, usable_examples
+from .distributed import DistEnv, all_gather_objects, barrier, init_distributed, shard_bounds, wrap_model
+from .evaluation import check_eval_task, evaluate
 from .freezing import count_trainable, set_trainable
+from .run_folder import FINAL_DIR, MetricsLog, SkipReport, claim, write_config
 from .schedule import build_optimizer, lr_at, set_lr
 from .step import train_step
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -61,15 +65,18 @@ class TrainConfig:
     lora_dropout: float = 0.0
     seed: int = 0
     shuffle: bool = True
-    max_length: int | None = None  # raise on longer samples (nothing is truncated)
-    strict: bool = False  # bad data rows raise instead of being skipped
+    max_length: int | None = None  # longer samples are skipped as bad rows (nothing is truncated)
+    strict: bool = False  # the first bad data row raises instead of being skipped
+    max_bad_fraction: float = 0.5  # stop once more than this fraction of a data set's rows is unusable
     num_workers: int = 0  # DataLoader worker processes (image decoding)
     eval_every: int = 0  # evaluate every N steps (0: at the end only)
     eval_batch_size: int | None = None
     eval_max_new_tokens: int | None = None  # None: longest target + a margin
+    eval_task: str | None = None  # also that task's metrics (paligemma.evaluation.TASKS: cider, map, ...)
     save_every: int = 0  # write out/checkpoint-STEP every N steps (0: never; out/final always)
     log_every: int = 1
     resume: bool | str = False  # True: latest checkpoint in out_dir; a path: that checkpoint
+    overwrite: bool = False  # out_dir holds another run: delete its files first (else it is refused)
     progress: bool = True  # tqdm bar on rank 0 when tqdm is installed
     fsdp: bool = False  # shard weights, gradients and optimizer state over processes (FSDP2) instead of DDP
 
@@ -81,6 +88,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lora_rank and (self.attention_only or self.freeze):
             raise ValueError("LoRA freezes the whole base model already; drop freeze/attention_only")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite contradict each other: resume continues the run in out_dir, "
+                             "overwrite deletes it")
         if self.lora_rank and self.fsdp:
             raise ValueError("LoRA with FSDP is not supported: the adapters are small, use DDP (no --fsdp)")
         self.freeze = tuple(self.freeze)
@@ -103,42 +115,55 @@ class TrainSummary:
 
 
 def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_data=None,
-          on_log: Callable[[dict], None] | None = None) -> TrainSummary:
+          on_log: Callable[[dict], None] | None = None, mask_codec=None) -> TrainSummary:
     """Fine-tune `model` in place on `train_data`; returns a `TrainSummary`.
 
     train_data / eval_data: a `FinetuneDataset`, a JSONL path, or a list of dicts / (image, prefix,
     suffix) tuples (images as paths or PIL images). `on_log` gets every metrics record (train and
     eval) on rank 0, as written to out_dir/metrics.jsonl. Under torchrun every process calls
-    `train` with the same arguments; rank 0 alone writes files.
+    `train` with the same arguments; rank 0 alone writes files. `mask_codec` decodes segment answers
+    when `config.eval_task` is "segment".
     """
     env = init_distributed()
+    out = Path(config.out_dir)
+    claim(out, config.resume, config.overwrite, env)  # before anything is read or written
     _seed_everything(config.seed)
-    train_set = as_dataset(train_data, strict=config.strict)
-    eval_set = as_dataset(eval_data, strict=config.strict) if eval_data is not None else None
-    if eval_set is not None and len(eval_set) == 0:
-        raise DataError("the evaluation set has no usable examples")
+    report = SkipReport(out, env, config.max_bad_fraction)
+    max_pixels = processor.image_processor.max_pixels
+    train_set = as_dataset(train_data, strict=config.strict, max_pixels=max_pixels)
+    report.add("train", train_set.num_rows, train_set.skipped, warn=False)  # FinetuneDataset warned already
+    eval_set = None
+    if eval_data is not None:  # read whole at every evaluation: checked whole now, not hours in
+        eval_rows = as_dataset(eval_data, strict=config.strict, max_pixels=max_pixels)
+        eval_set, broken = usable_examples(eval_rows, processor, config.max_length, config.strict)
+        report.add("eval", eval_rows.num_rows, eval_rows.skipped, warn=False)
+        report.add("eval", eval_rows.num_rows, broken)
+        if not eval_set:
+            raise DataError("the evaluation set has no usable examples")
+        if config.eval_task is not None:
+            check_eval_task(eval_set, config.eval_task, mask_codec)  # unknown task, unreadable references
 
     _choose_trainable(model, config)
     runner = wrap_model(model, env, config.fsdp)  # FSDP swaps in sharded parameters: before the optimizer
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    out = Path(config.out_dir)
     start_step = 0
     resume_from = _resume_dir(config, out)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, env.rank)
         start_step = state["step"]
+        report.restore(state.get("skipped_rows", []))
+    report.save()  # a resumed run's file is its checkpoint's, as metrics.jsonl is trimmed to it
     per_epoch = len(train_set) // config.batch_size
     total_steps = config.steps if config.steps is not None else \
         max(1, math.ceil((config.epochs or 1.0) * per_epoch / config.grad_accum))
-    batches = _micro_batches(train_set, processor, config, env, start_step, total_steps)
+    batches = _micro_batches(train_set, processor, config, env, start_step, total_steps, report.known_bad("train"))
 
-    log = _Logger(out, env, on_log, start_step)
+    log = MetricsLog(out, env, on_log, start_step)
     trainable, _ = count_trainable(model)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=1) + "\n", encoding="utf-8")
+        write_config(out, asdict(config))
     bar = _progress_bar(config.progress and env.is_main, total_steps, start_step)
     summary = TrainSummary(steps=start_step, losses=[], final_loss=None, out_dir=str(out),
                            trainable_parameters=trainable)
@@ -147,7 +172,12 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     model.train()
     for step in range(start_step, total_steps):
         tick = time.perf_counter()
-        micro = [next(batches) for _ in range(config.grad_accum)]
+        micro, skipped = [], []
+        for batch, found in (next(batches) for _ in range(config.grad_accum)):
+            micro.append(batch)
+            skipped += found
+        for found in all_gather_objects(skipped, env):  # every rank learns every rank's rows: same decisions
+            report.add("train", train_set.num_rows, found, step=step + 1)
         loss, grad_norm = train_step(runner, micro, params, env, config.bf16, config.max_grad_norm)
         lr = lr_at(step, config.lr, total_steps, config.warmup_steps, config.min_lr_ratio)
         set_lr(optimizer, lr)
@@ -166,22 +196,20 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{step_samples / seconds:.1f}")
         if eval_set is not None and config.eval_every and done % config.eval_every == 0 and done != total_steps:
-            summary.evals.append(_evaluate(model, processor, eval_set, config, env, log, done))
+            summary.evals.append(_evaluate(model, processor, eval_set, config, env, log, done, mask_codec))
         if config.save_every and done % config.save_every == 0:
             state = {"step": done, "micro_batches": done * config.grad_accum, "total_steps": total_steps,
                      "epoch": done * config.grad_accum / per_epoch, "world_size": env.world_size,
-                     "config": asdict(config)}
+                     "skipped_rows": report.batch_records(), "config": asdict(config)}
             ckpt.save_checkpoint(out / f"checkpoint-{done}", model, optimizer, state, config.model_dir, env,
                                  config.extra_files)
     if bar is not None:
         bar.close()
     if eval_set is not None:
-        summary.evals.append(_evaluate(model, processor, eval_set, config, env, log, summary.steps))
-    final = ckpt.gathered_model(model)
+        summary.evals.append(_evaluate(model, processor, eval_set, config, env, log, summary.steps, mask_codec))
+    ckpt.save_final(out / FINAL_DIR, model, config.model_dir, env, config.extra_files)
     if env.is_main:
-        summary.final_dir = str(out / "final")
-        ckpt.save_model_folder(final, out / "final", config.model_dir, config.extra_files)
-    barrier(env)
+        summary.final_dir = str(out / FINAL_DIR)
     summary.elapsed = time.perf_counter() - started
     return summary
 
@@ -207,17 +235,21 @@ def _choose_trainable(model: PaliGemma, config: TrainConfig) -> None:
     model.language_model.gradient_checkpointing = config.gradient_checkpointing
 
 
-def _micro_batches(train_set, processor, config: TrainConfig, env: DistEnv, start_step: int, total_steps: int):
-    """An iterator over this process's share of the micro-batches of steps start_step .. total_steps - 1."""
+def _micro_batches(train_set, processor, config: TrainConfig, env: DistEnv, start_step: int, total_steps: int,
+                   known_bad: dict[int, str]):
+    """An iterator over (this process's share of a micro-batch, rows found unusable building it), for the
+    micro-batches of steps start_step .. total_steps - 1."""
     lo, hi = shard_bounds(config.batch_size, env)
+    # The sampler yields whole global micro-batches: the collator needs them to pick replacements for bad
+    # rows that do not depend on the process count; it builds only the [lo, hi) slice.
     sampler = MicroBatchSampler(len(train_set), config.batch_size, config.seed, config.shuffle,
-                                start=start_step * config.grad_accum, stop=total_steps * config.grad_accum,
-                                lo=lo, hi=hi)
-    # Its own generator: a DataLoader otherwise draws a seed from the global RNG when iterated,
-    # which would shift a resumed run's random stream (e.g. LoRA dropout) by one draw.
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers,
-                                         collate_fn=Collator(processor, config.max_length),
-                                         generator=torch.Generator().manual_seed(config.seed))
+                                start=start_step * config.grad_accum, stop=total_steps * config.grad_accum)
+    collate = TrainingCollator(train_set, processor, config.max_length, lo, hi, config.strict, known_bad)
+    # Indices in, examples read by the collator (it may need others than those sampled). Its own
+    # generator: a DataLoader otherwise draws a seed from the global RNG when iterated, which would
+    # shift a resumed run's random stream (e.g. LoRA dropout) by one draw.
+    loader = torch.utils.data.DataLoader(range(len(train_set)), batch_sampler=sampler, num_workers=config.num_workers,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(config.seed))
     return iter(loader)
 
 
@@ -227,45 +259,27 @@ def _resume_dir(config: TrainConfig, out: Path) -> Path | None:
     if config.resume is True:
         found = ckpt.latest_checkpoint(out)
         if found is None:
-            raise FileNotFoundError(f"resume asked for, but {out} holds no checkpoint-STEP folder with a "
-                                    f"{ckpt.STATE_FILE}")
+            raise UsageError(f"--resume asked for, but {out} holds no checkpoint-STEP folder with a "
+                             f"{ckpt.STATE_FILE} (was the run saved with --save-every?)")
         return found
+    if not (Path(config.resume) / ckpt.STATE_FILE).is_file():
+        raise UsageError(f"--resume {config.resume}: not a checkpoint folder (no {ckpt.STATE_FILE} in it)")
     return Path(config.resume)
 
 
-def _evaluate(model, processor, eval_set, config: TrainConfig, env: DistEnv, log: "_Logger", step: int) -> dict:
+def _evaluate(model, processor, eval_set, config: TrainConfig, env: DistEnv, log: MetricsLog, step: int,
+              mask_codec=None) -> dict:
     """Rank 0 evaluates the unwrapped (FSDP: gathered) model; the others wait (and receive nothing)."""
     result = {}
     model = ckpt.gathered_model(model)
     if env.is_main:
         result = evaluate(model, processor, eval_set, batch_size=config.eval_batch_size or config.batch_size,
-                          bf16=config.bf16, max_new_tokens=config.eval_max_new_tokens, max_length=config.max_length)
+                          bf16=config.bf16, max_new_tokens=config.eval_max_new_tokens, max_length=config.max_length,
+                          task=config.eval_task, codec=mask_codec)
         result = {"step": step, **result}
         log.write({k: v for k, v in result.items() if k != "examples"})
     barrier(env)
     return result
-
-
-class _Logger:
-    """Appends metrics records to out/metrics.jsonl (rank 0) and hands them to the callback."""
-
-    def __init__(self, out: Path, env: DistEnv, on_log, start_step: int):
-        self.path = out / METRICS_FILE
-        self.env, self.on_log = env, on_log
-        if env.is_main and self.path.exists():
-            # A resumed run rewrites the steps after its checkpoint: drop the interrupted run's copies.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        if not self.env.is_main:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.on_log is not None:
-            self.on_log(record)
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):
