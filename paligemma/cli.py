@@ -37,7 +37,7 @@ from .generation import generate_detailed, stream_generate
 from .images import load_image
 from .sampling import SamplingParams
 from .segmentation import parse_segmentations
-from .tasks import parse_detections, prompt_task
+from .tasks import filter_detections, parse_detections, prompt_task
 from .visualize import answer_attention, check_figure_path, plot_answer_attention, plot_token_attention
 from .vqvae import MASK_CODEC_FILE
 
@@ -124,6 +124,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop when the answer contains STR (cut off; repeatable)")
+    _add_decoding_arguments(parser.add_argument_group("decoding (docs/decoding.md)"))
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object (see docs/cli.md)")
     output.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -140,6 +141,66 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run_generate)
 
 
+def _add_decoding_arguments(group) -> None:
+    group.add_argument("--num-beams", type=int, default=1, metavar="K",
+                       help="beam search with K beams (default 1: off)")
+    group.add_argument("--length-penalty", type=float, default=1.0,
+                       help="beam search: scores are divided by length ** this (default 1)")
+    group.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
+                       help="beam search stopping rule, as transformers' early_stopping (default false)")
+    group.add_argument("--best-of", type=int, metavar="N", help="sample N answers, print the most likely one")
+    group.add_argument("--constrain", action="store_true",
+                       help="detect/segment prompts: only well-formed answers with the prompt's labels")
+    group.add_argument("--top-logprobs", type=int, default=0, metavar="N",
+                       help="--json: the N most likely tokens at each step")
+    group.add_argument("--min-score", type=float, metavar="S", help="detect: drop boxes scoring below S (0..1)")
+    group.add_argument("--nms-iou", type=float, metavar="T",
+                       help="detect: per label, drop a box overlapping a better one with IoU > T")
+
+
+def _check_decoding(args: argparse.Namespace, task: str) -> None:
+    """Decoding options that cannot work together, refused before the model loads."""
+    if args.num_beams < 1 or args.top_logprobs < 0 or (args.best_of is not None and args.best_of < 1):
+        raise UsageError("--num-beams and --best-of take an integer >= 1, --top-logprobs one >= 0")
+    if args.best_of and args.temperature == 0:
+        raise UsageError("--best-of draws several answers: it needs --temperature > 0")
+    for name in ("min_score", "nms_iou"):
+        value = getattr(args, name)
+        if value is not None and (task != "detect" or not 0 <= value <= 1):
+            raise UsageError(f"--{name.replace('_', '-')} takes a value in [0, 1] and applies to detect prompts")
+    if args.stream and (args.num_beams > 1 or args.best_of):
+        raise UsageError("--stream cannot show beam search or --best-of: they choose the answer at the end")
+    if args.top_logprobs and not args.json:
+        raise UsageError("--top-logprobs is printed with --json")
+    if args.constrain and task not in ("detect", "segment"):
+        raise UsageError("--constrain applies to detect and segment prompts")
+
+
+def _decoding_options(args: argparse.Namespace) -> dict:
+    """generate_detailed's keyword arguments for the decoding options that are set."""
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop, constrain=args.constrain)
+    if args.top_logprobs:
+        options["top_logprobs"] = args.top_logprobs
+    if args.num_beams > 1:
+        early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
+        options.update(num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=early_stopping)
+    if args.best_of:
+        options["best_of"] = args.best_of
+    return options
+
+
+def _token_records(result, tokenizer) -> dict:
+    """--json: each token's log-prob and, when asked, its best alternatives."""
+    record = {"logprobs": result.logprobs}
+    if result.top_logprobs is not None:
+        record["top_logprobs"] = [[{"id": t, "token": tokenizer.id_to_piece(t), "logprob": lp} for t, lp in step]
+                                  for step in result.top_logprobs]
+    if result.beam_score is not None:
+        record["beam_score"] = result.beam_score
+    return record
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """`paligemma generate`: one image, one prompt, the answer on stdout."""
     # Settings are checked before the (slow) model load.
@@ -153,9 +214,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError("--attention-token needs --attention-map OUT.png")
     if args.attention_map:
         check_figure_path(args.attention_map)  # matplotlib present, format known, no file overwritten
+    task = prompt_task(args.prompt)
+    _check_decoding(args, task)
     image = Image.fromarray(load_image(_image(args.model, args.image)))  # upright RGB; boxes map back to its size
 
-    task = prompt_task(args.prompt)
     start = time.perf_counter()
     directory = checkpoint_dir(args.model)
     if task == "segment" and mask_codec_path(directory, args.mask_codec) is None:
@@ -165,8 +227,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                    quantize=args.quantize, mask_codec=args.mask_codec)
     load_seconds = time.perf_counter() - start
 
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop=args.stop)
+    options = _decoding_options(args)
     if args.stream:
         for event in stream_generate(model, processor, [image], [args.prompt], **options):
             print(event.text, end="", flush=True)
@@ -175,14 +236,17 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         result = generate_detailed(model, processor, [image], [args.prompt], **options)[0]
 
-    detections = parse_detections(result.text, image.size) if task == "detect" else None
-    segments = parse_segmentations(result.text, image.size, codec) if task == "segment" else None
+    spans = result.token_spans()
+    detections = parse_detections(result.text, image.size, spans) if task == "detect" else None
+    if detections is not None:
+        detections.objects = filter_detections(detections.objects, args.min_score, args.nms_iou)
+    segments = parse_segmentations(result.text, image.size, codec, spans) if task == "segment" else None
     if args.json:
         record = {"text": result.text, "tokens": result.token_ids, "finish_reason": result.finish_reason,
                   "prompt_tokens": result.prompt_tokens, "timings": {"load": load_seconds, **result.timings},
-                  "image_size": list(image.size)}
+                  "image_size": list(image.size), **_token_records(result, processor.tokenizer)}
         if detections is not None:
-            record["detections"] = [{"label": d.label, "box": d.box} for d in detections.objects]
+            record["detections"] = [d.as_json() for d in detections.objects]
             record["detection_errors"] = detections.errors
         if segments is not None:
             record["segmentations"] = [o.as_json() for o in segments.objects]

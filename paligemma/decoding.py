@@ -37,9 +37,11 @@ class GenerationResult:
         """Log-probability of the whole answer: the sum of its tokens' (what `best_of` ranks by)."""
         return sum(self.logprobs)
 
-    def token_spans(self) -> list[TokenSpan]:
+    def token_spans(self) -> list[TokenSpan] | None:
         """Each token's characters [start, end) of `text` and its log-prob: what `parse_detections`
-        and `parse_segmentations` score objects with."""
+        and `parse_segmentations` score objects with. None for a result without log-probs (made by hand)."""
+        if not len(self.logprobs) == len(self.text_offsets) == len(self.token_ids):
+            return None
         starts = [0] + self.text_offsets[:-1]
         return [TokenSpan(start, end, logprob) for start, end, logprob in zip(starts, self.text_offsets, self.logprobs)]
 

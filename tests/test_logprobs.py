@@ -1,5 +1,6 @@
 """Per-token log-probabilities, top alternatives, n / best_of, and detection scores built on them."""
 
+import json
 import math
 
 import pytest
@@ -177,3 +178,55 @@ def test_min_score_and_per_label_nms():
     assert filter_detections(boxes, min_score=0.5, nms_iou=0.9) == boxes[:3]
     with pytest.raises(ValueError, match="scores"):
         filter_detections([Detection("cat", [0, 0, 1, 1])], min_score=0.1)
+
+
+# ---------------------------------------------------------------------- the command line (bundled demo model)
+
+
+def _cli_json(capsys, prompt, *extra):
+    from paligemma import cli
+
+    code = cli.main(["generate", "--prompt", prompt, "--no-optimize", "--json", *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_cli_json_has_logprobs_and_scored_detections(capsys):
+    record = _cli_json(capsys, "detect circle", "--top-logprobs", "2")
+    assert len(record["logprobs"]) == len(record["tokens"]) and all(lp <= 0 for lp in record["logprobs"])
+    assert all(1 <= len(step) <= 2 and {"id", "token", "logprob"} == set(step[0]) for step in record["top_logprobs"])
+    assert record["detections"] and all(0 < d["score"] <= 1 for d in record["detections"])
+    assert _cli_json(capsys, "detect circle", "--min-score", "1")["detections"] == []  # no box is that sure
+    assert _cli_json(capsys, "detect circle", "--nms-iou", "0.5")["detections"] == record["detections"]  # apart
+
+
+def test_cli_beam_search_and_constrain_give_the_library_answers(capsys):
+    from paligemma.cli_common import DEMO_MODEL_DIR, EXAMPLE_IMAGE
+
+    model, processor = paligemma.load_model(DEMO_MODEL_DIR), paligemma.load_processor(DEMO_MODEL_DIR)
+    image = [paligemma.load_image(EXAMPLE_IMAGE)]
+    record = _cli_json(capsys, "caption en", "--num-beams", "3", "--length-penalty", "0.5")
+    expected = generate_detailed(model, processor, image, ["caption en"], num_beams=3, length_penalty=0.5)[0]
+    assert (record["tokens"], record["beam_score"]) == (expected.token_ids, pytest.approx(expected.beam_score))
+    prompt = "detect triangle ; circle"
+    record = _cli_json(capsys, prompt, "--constrain")
+    expected = generate_detailed(model, processor, image, [prompt], constrain=True)[0]
+    assert record["tokens"] == expected.token_ids and record["detection_errors"] == []
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--prompt", "caption en", "--min-score", "0.5"], "detect prompts"),
+    (["--prompt", "detect cat", "--nms-iou", "2"], "[0, 1]"),
+    (["--prompt", "caption en", "--constrain"], "detect and segment"),
+    (["--prompt", "caption en", "--stream", "--num-beams", "2"], "--stream"),
+    (["--prompt", "caption en", "--best-of", "3"], "--temperature"),
+    (["--prompt", "caption en", "--top-logprobs", "3"], "--json"),
+    (["--prompt", "caption en", "--num-beams", "0"], "--num-beams"),
+])
+def test_cli_refuses_decoding_options_that_cannot_apply(capsys, extra, phrase):
+    from paligemma import cli
+
+    code = cli.main(["generate", *extra])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and phrase in err and err.startswith("error: ")
