@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .hub import CheckpointError
+from .quantize import quantization_entry
 from .safetensors_io import FLOAT_DTYPES, checkpoint_files, read_tensors, tensor_headers, write_shards
 
 # Checkpoint key prefix -> our prefix, tried in order on each key.
@@ -65,8 +66,9 @@ def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype | None = 
     float16, which is upcast to float32 with a warning (Gemma's activations overflow float16; ask
     for dtype=torch.float16 to keep it). Tensors are assigned, not copied (see
     safetensors_io.read_tensors), so peak memory stays near one copy. `headers`: those
-    `checkpoint_headers` returned, if the caller has them.
+    `checkpoint_headers` returned, if the caller has them. A quantized checkpoint is refused.
     """
+    refuse_quantized(model.config, directory)
     if headers is None:
         headers = checkpoint_headers(directory)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
@@ -84,14 +86,15 @@ def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype | None = 
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def checkpoint_headers(directory: Path, config=None) -> list[tuple[Path, str, tuple[int, ...], str]]:
+def checkpoint_headers(directory: Path, config=None,
+                       stem: str = "model") -> list[tuple[Path, str, tuple[int, ...], str]]:
     """(file, key, shape, dtype name) of every tensor of the checkpoint in `directory`, headers only.
 
     With `config` (a PaliGemmaConfig), its layer counts are checked against the tensors first, so a
     config.json that disagrees with its weights (say 6000 decoder layers) is refused before a model
-    is built from it.
+    is built from it. `stem` names the weight files (safetensors_io.checkpoint_files).
     """
-    headers = list(tensor_headers(checkpoint_files(directory, holds_weights=_holds_decoder_weights)))
+    headers = list(tensor_headers(checkpoint_files(directory, holds_weights=_holds_decoder_weights, stem=stem)))
     if config is not None:
         for field, prefix, what in (("text_config.num_hidden_layers", "language_model.layers.", "decoder"),
                                     ("vision_config.num_hidden_layers", "vision_tower.encoder.layers.", "vision")):
@@ -171,12 +174,42 @@ def _group_by_file(sources: dict) -> dict[Path, list[tuple[str, str]]]:
 
 
 def save_model(model: nn.Module, directory: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
-    """config.json + model.safetensors (or shards and an index past `max_shard_bytes`), Hub key layout."""
-    # The state dict first: a model that has none (quantized) raises before anything is written.
+    """config.json + model.safetensors (or shards and an index past `max_shard_bytes`), Hub key layout.
+
+    A quantized model (quantize.py) is written as model-quantized.safetensors (or its shards): its
+    quantized tensors in their portable layout, the rest as they are, and a `quantization` entry in
+    config.json (quantized_checkpoint.py reads them back).
+    """
+    # The state dict and config first: a model that cannot be saved raises before anything is written.
     tensors = {hub_key(name): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    config = checkpoint_config(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_shards(tensors, directory, max_shard_bytes, stem=QUANTIZED_STEM if "quantization" in config else "model")
+
+
+# A quantized checkpoint's weight files: transformers, which cannot read them, then finds no model.safetensors.
+QUANTIZED_STEM = "model-quantized"
+
+
+def checkpoint_config(model: nn.Module) -> dict:
+    """The config.json of `model`: its HF config, its dtype and, for a quantized model, the `quantization` entry."""
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    write_shards(tensors, directory, max_shard_bytes)
+    config.pop("quantization", None)  # the entry of the checkpoint it was loaded from, if any
+    entry = quantization_entry(model)
+    if entry is not None:
+        config["quantization"] = entry
+    return config
+
+
+def refuse_quantized(config, directory: Path) -> None:
+    """Raise if `config` (a PaliGemmaConfig) is a quantized checkpoint's, where float weights are expected."""
+    entry = config.extra.get("quantization")
+    if entry is not None:
+        mode = entry.get("mode", "?") if isinstance(entry, dict) else "?"
+        raise CheckpointError(f"{directory} is a quantized checkpoint ({mode}, config.json 'quantization'), not "
+                              "float weights: paligemma.load_model reads it for inference on the CPU, but it cannot "
+                              "be fine-tuned, converted or read by transformers; use the float checkpoint it was "
+                              "quantized from")

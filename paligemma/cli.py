@@ -52,6 +52,7 @@ _PLUGINS = [
     ("demo-eval", "paligemma.demo.cli", "evaluate a model on the demo shapes world"),
     ("eval", "paligemma.evaluation.cli", "score a model on a JSONL set with its task's metric (CIDEr, mAP, ...)"),
     ("convert", "paligemma.convert_cli", "convert big_vision .npz checkpoints to and from HF folders"),
+    ("quantize", "paligemma.quantize_cli", "write a quantized (int8/int4) checkpoint, loaded as a memory map"),
     ("data", "paligemma.data_import.cli", "import COCO, YOLO or mask-folder datasets as training JSONL"),
 ]
 

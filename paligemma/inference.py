@@ -33,8 +33,9 @@ The inference tensors are registered non-persistent buffers: `named_buffers()` l
 `.to(dtype)` converts them (a packed weight is unpacked, converted and repacked; quantized weights
 stay quantized and their outputs follow the input's dtype); moving a quantized model off the CPU
 raises before anything moves. Unquantized, `state_dict()` still yields the original HF-named,
-unfused tensors, so `save_pretrained` writes an ordinary checkpoint; the model cannot be trained or
-loaded into.
+unfused tensors, so `save_pretrained` writes an ordinary checkpoint; quantized, it yields the fused
+quantized tensors in their portable layout (quantize.py), which `save_pretrained` writes as a quantized
+checkpoint (quantized_checkpoint.py). The model cannot be trained or loaded into.
 """
 
 from __future__ import annotations
@@ -78,11 +79,12 @@ class InferenceLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.tied = tied
         self.saves_itself = len(weights) == 1 and not tied  # a fused layer is saved by its owner, part by part
-        on_cpu = weight.device.type == "cpu"
+        on_cpu = _for_cpu(weight.device)
         self.kernels = ops() if on_cpu and weight.dtype == torch.bfloat16 and bias is None else None
         # bf16 without native bf16 arithmetic: multiply in float32, a block of weight rows at a time.
         self.widen = on_cpu and weight.dtype == torch.bfloat16 and not native_bf16()
-        self.packed = pack and on_cpu and self.kernels is None and not self.widen and not tied and _packs(weight.dtype)
+        self.packed = (pack and weight.device.type == "cpu" and self.kernels is None and not self.widen and not tied
+                       and _packs(weight.dtype))
         # `_reorder_linear_weight` returns an opaque oneDNN tensor; `to_dense()` gives the weight back exactly.
         self.register_buffer("weight", self._pack(weight) if self.packed else weight.contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
@@ -147,7 +149,7 @@ def _adopt(new: nn.Module, old: nn.Module) -> None:
 def _split_state(fused: nn.Module, names: list[str], sizes: list[int], destination, prefix: str) -> None:
     """Write a fused layer's weight under the HF names of the projections it fuses."""
     if isinstance(fused, QuantizedLinear):
-        fused._save_to_state_dict(destination, prefix, False)  # raises: quantized models have no float state
+        return  # saved by itself, fused and quantized (quantize.py, "Saved")
     for name, weight in zip(names, fused.dense_weight().split(sizes)):
         destination[f"{prefix}{name}.weight"] = weight.clone()
 
@@ -223,6 +225,12 @@ def _release_copied(weights: list[torch.Tensor], layer: nn.Module) -> None:
             release_file_pages(weight)
 
 
+def _for_cpu(device: torch.device) -> bool:
+    """The CPU, or the meta device: a model built there gets the CPU layout, to be filled from a quantized
+    checkpoint (quantized_checkpoint.py)."""
+    return device.type in ("cpu", "meta")
+
+
 def is_optimized(model) -> bool:
     return any(isinstance(module, (InferenceLinear, QuantizedLinear)) for module in model.modules())
 
@@ -235,12 +243,12 @@ def optimize_for_inference(model, quantize: str | None = None, group_size: int |
         raise ValueError("model is already optimized for inference")
     if quantize is not None:
         check_available(quantize)
-        if model.device.type != "cpu":
+        if not _for_cpu(model.device):
             raise ValueError(f"quantize={quantize!r} runs on CPU only; the model is on {model.device}")
     model.eval()
     make_linear = _linear_factory(quantize, group_size, pack)
     keep_gate_up_apart = quantize is None and model.dtype == torch.bfloat16 and ops() is not None
-    widen = model.dtype == torch.bfloat16 and model.device.type == "cpu" and not native_bf16()
+    widen = model.dtype == torch.bfloat16 and _for_cpu(model.device) and not native_bf16()
     for layer in model.language_model.layers:
         layer.self_attn = FusedAttention(layer.self_attn, make_linear, widen)
         if keep_gate_up_apart:

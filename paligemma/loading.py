@@ -18,6 +18,7 @@ from .errors import UsageError
 from .hub import resolve_checkpoint
 from .inference import optimize_for_inference
 from .model import PaliGemma
+from .quantized_checkpoint import load_quantized_model, quantization_scheme
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -34,6 +35,11 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     optimize=True rewrites the model for fast inference (fused, prepacked matrices; see inference.py):
     same outputs, but it can no longer be trained. quantize="int8" | "int4" (CPU) also makes the
     decoder's weights and the LM head weight-only quantized, implying optimize.
+
+    A quantized checkpoint (written by `save_pretrained` of a quantized model or `paligemma quantize`;
+    quantized_checkpoint.py) loads as it was saved, quantized and optimized, whatever `optimize` says,
+    as a memory map of its files; `quantize`, if given, must be its mode, and `dtype` applies to its
+    float parts (vision tower, embedding, norms).
     """
     if str(path).endswith(".npz"):
         with torch.device("meta"):
@@ -44,6 +50,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             raise UsageError("config= is for big_vision .npz files; a checkpoint directory has its config.json")
         directory = resolve_checkpoint(path)
         checkpoint_config = PaliGemmaConfig.from_json_file(directory / "config.json")
+        if quantization_scheme(checkpoint_config) is not None:
+            return load_quantized_model(directory, checkpoint_config, dtype, device, quantize)
         # Headers first: a config.json at odds with its weights (6000 layers) fails before the model is built.
         headers = checkpoint_headers(directory, checkpoint_config)
         with torch.device("meta"):

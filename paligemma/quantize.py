@@ -21,8 +21,20 @@ Which code multiplies is chosen when the layer is built, by the ISA level in for
 
 Activations go to the kernels as bf16 and the result comes back in the input's dtype. The quantized
 tensors are registered (non-persistent) buffers: casting the model's dtype leaves them as they are,
-moving it off the CPU raises. A quantized layer cannot be saved to a checkpoint: quantization is a
-load-time transform of a float checkpoint.
+moving it off the CPU raises.
+
+Saved, a layer is its quantized tensors in a *portable* layout, the same whatever CPU wrote them
+(`state_dict()` yields them; quantized_checkpoint.py reads them back):
+
+    int8: qweight (N, K) int8, scales (N, K/g) float32                       layout "int8-rows"
+    int4: packed (N64, K/2) uint8 in `pack_int4`'s 64-row blocks, scales_zeros (K/g, N64, 2) bf16
+          (N64: N rounded up to 64, the extra rows zero)                   layout "int4-64row-blocks"
+
+These are the kernels' own layouts, so loading them is a memory map. Only where neither these kernels
+nor torch's int4 kernel read `pack_int4`'s layout (level `none` on a CPU whose torch packs int4
+otherwise: ARM64, AVX2-only builds) is the int4 layer held in torch's layout: repacked when loaded,
+unpacked again when saved. A layer built from meta-device weights has the shapes and no data, to be
+filled by `load_portable`.
 """
 
 from __future__ import annotations
@@ -38,6 +50,10 @@ from .kernels import MAX_ROWS, level, matmul_by_row_blocks, native_bf16, ops, sc
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = {"int4": 64, "int8": 256}
+BITS = {"int8": 8, "int4": 4}
+# The portable layouts a checkpoint stores (module docstring); a change to one bumps LAYOUT_VERSION.
+LAYOUTS = {"int8": "int8-rows", "int4": "int4-64row-blocks"}
+LAYOUT_VERSION = 1
 
 
 class QuantizationError(PaliGemmaError, RuntimeError):
@@ -96,11 +112,47 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return out.view(n, k // 2)
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_int4`'s layout (N, K/2) -> the integers (N, K) uint8: byte i of a 64-row block's column
+    holds row i in its low nibble and row 32 + i in its high one."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(n // 64, k, 32)
+    return torch.cat([blocks & 15, blocks >> 4], dim=-1).permute(0, 2, 1).reshape(n, k)
+
+
 def pack_int4_for_torch(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 0..15, N a multiple of 16 -> the layout torch's int4 kernel reads on this CPU."""
-    if q.shape[0] % 64 == 0 and _packs_like_torch():
+    """(N, K) uint8 0..15, N a multiple of 64 -> the layout torch's int4 kernel reads on this CPU."""
+    if _packs_like_torch():
         return pack_int4(q)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+def unpack_torch_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of torch's int4 packer on this CPU: its (N, K/2) layout -> (N, K) uint8, N a multiple of 64."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).view(n // 64, 64 * k)  # low nibble first
+    out = torch.empty_like(nibbles)
+    out[:, _torch_int4_order(k)] = nibbles
+    return out.view(n, k)
+
+
+@functools.cache
+def _torch_int4_order(k: int) -> torch.Tensor:
+    """Where each nibble of one 64-row block packed by torch comes from: its flat index in the (64, K)
+    block, low nibble of each byte first. Found by packing every entry's own index, 4 bits per probe,
+    over two blocks, and checked to repeat block after block (torch's layouts are blocked by 16-64 rows)."""
+    index = torch.arange(128 * k).view(128, k)
+    source = torch.zeros(128 * k, dtype=torch.long)
+    for shift in range(0, (128 * k - 1).bit_length(), 4):
+        digits = ((index >> shift) & 15).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, 1).view(128, k // 2)
+        source |= torch.stack([packed & 15, packed >> 4], dim=-1).flatten().long() << shift
+    first, second = source[:64 * k], source[64 * k:]
+    if not torch.equal(second, first + 64 * k):
+        raise QuantizationError("torch's int4 layout on this CPU is not blocked by 64 rows: an int4 model "
+                                "quantized here cannot be saved; quantize the float checkpoint with "
+                                "`paligemma quantize` instead")
+    return first
 
 
 @functools.cache
@@ -213,6 +265,19 @@ def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, out: torch.Tenso
     return out
 
 
+def quantize_weights(weight: Weights, mode: str, group_size: int, kernels=None) -> dict[str, torch.Tensor]:
+    """One matrix (or matrices fused by rows) quantized into the portable layout (module docstring): the
+    tensors a QuantizedLinear saves, by name. `kernels` as for quantize_int8."""
+    parts, n, k = _stacked_rows(weight)
+    if mode == "int8":
+        qweight, scales = quantize_int8(parts, group_size, kernels)
+        return {"qweight": qweight, "scales": scales}
+    if n % 64:  # the packed layout takes rows in blocks of 64: zero rows pad the last
+        parts = parts + [parts[0].new_zeros(-n % 64, k)]
+    packed, scales_zeros = quantize_int4(parts, group_size)
+    return {"packed": packed, "scales_zeros": scales_zeros}
+
+
 # ---------------------------------------------------------------------- the layer
 
 class QuantizedLinear(nn.Module):
@@ -220,7 +285,8 @@ class QuantizedLinear(nn.Module):
 
     `weight` is one (N, K) matrix, or a list of matrices (N_i, K) to fuse, stacked by rows (quantized
     part by part, never concatenated in float). `parts` names the HF projections fused into this one
-    (for error messages and bookkeeping).
+    (for error messages and bookkeeping). Meta-device weights give a layer with shapes and no data,
+    to be filled by `load_portable`.
     """
 
     def __init__(self, weight: Weights, mode: str, group_size: int | None = None,
@@ -234,23 +300,50 @@ class QuantizedLinear(nn.Module):
         self.parts = parts or []
         self.kernels = ops()
         self.compute_dtype = torch.bfloat16 if native_bf16() else torch.float32  # of prefill's GEMMs
-        if mode == "int8":
-            qweight, scales = quantize_int8(matrices, self.group_size, self.kernels)
-            self.register_buffer("qweight", qweight, persistent=False)
-            self.register_buffer("scales", scales, persistent=False)
-            return
-        # The kernels' layout packs rows in blocks of 64, torch's in blocks of up to 64 (16 at least): pad
-        # with zero rows.
-        rows = -self.out_features % (64 if self.kernels is not None else 16)
-        if rows:
-            matrices = matrices + [matrices[0].new_zeros(rows, self.in_features)]
-        pack = pack_int4 if self.kernels is not None else pack_int4_for_torch
-        packed, scales_zeros = quantize_int4(matrices, self.group_size, pack)
         # Where torch's int4 kernel reads the kernels' layout (its AVX-512 build), it multiplies 2-8 rows
         # ~1.3x faster than gemv_int4, which is built for one (BENCHMARKS.md, kernel microbenchmarks).
         self.torch_reads_layout = self.kernels is None or _packs_like_torch()
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+        # Whether `packed` is in the portable layout (the kernels', and torch's AVX-512 one), not torch's own.
+        self.portable = mode == "int8" or self.kernels is not None or _packs_like_torch()
+        if matrices[0].is_meta:
+            tensors = {name: torch.empty(shape, dtype=dtype, device="meta")
+                       for name, (shape, dtype) in self.portable_shapes().items()}
+        else:
+            tensors = quantize_weights(matrices, mode, self.group_size, self.kernels)
+        for name in tensors:
+            self.register_buffer(name, None, persistent=False)  # filled by load_portable
+        self.load_portable(tensors)
+
+    def portable_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the tensors this layer saves (module docstring)."""
+        n, k, groups = self.out_features, self.in_features, self.in_features // self.group_size
+        if self.mode == "int8":
+            return {"qweight": ((n, k), torch.int8), "scales": ((n, groups), torch.float32)}
+        n64 = n + -n % 64
+        return {"packed": ((n64, k // 2), torch.uint8), "scales_zeros": ((groups, n64, 2), torch.bfloat16)}
+
+    def load_portable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take saved tensors (those `state_dict()` yields) as this layer's weights: as they are, so views
+        of a checkpoint's memory map stay views, except where this CPU reads int4 in torch's own layout."""
+        expected = self.portable_shapes()
+        got = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+        if got != expected:
+            names = " + ".join(name for name, _ in self.parts) or "a quantized layer"
+            raise QuantizationError(f"{names}: saved tensors {got} do not match the {self.mode} layout "
+                                    f"{expected} of a {self.out_features} x {self.in_features} weight with "
+                                    f"group size {self.group_size}")
+        if self.mode == "int4" and not self.portable and not tensors["packed"].is_meta:
+            tensors = dict(tensors, packed=pack_int4_for_torch(unpack_int4(tensors["packed"])))
+        for name, tensor in tensors.items():
+            self._buffers[name] = tensor
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.mode == "int8":
+            destination[prefix + "qweight"], destination[prefix + "scales"] = self.qweight, self.scales
+            return
+        portable = self.portable or self.packed.is_meta
+        destination[prefix + "packed"] = self.packed if portable else pack_int4(unpack_torch_int4(self.packed))
+        destination[prefix + "scales_zeros"] = self.scales_zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -297,10 +390,6 @@ class QuantizedLinear(nn.Module):
                                     "to move it to another device")
         return self
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError("a quantized model has no float state dict: quantization is a load-time transform; "
-                           "save (or fine-tune) the original checkpoint and quantize it when loading")
-
     def _load_from_state_dict(self, *args, **kwargs):
         raise RuntimeError("an inference-optimized model cannot be loaded into; load the checkpoint afresh")
 
@@ -308,3 +397,20 @@ class QuantizedLinear(nn.Module):
         isa = self.kernels.isa() if self.kernels is not None else "none"
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, " \
                f"group_size={self.group_size}, kernels={isa}, compute={self.compute_dtype}"
+
+
+def quantization_entry(model: nn.Module) -> dict | None:
+    """The `quantization` entry of config.json for a model holding QuantizedLinear layers (None if it has
+    none): mode, bits, group size (each layer's is `choose_group_size(K, mode, group_size)`) and the
+    portable layout's name and version."""
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    if not layers:
+        return None
+    modes = sorted({layer.mode for layer in layers})
+    if len(modes) > 1:
+        raise QuantizationError(f"cannot save a model that mixes {' and '.join(modes)} layers")
+    mode, group_size = modes[0], max(layer.group_size for layer in layers)
+    if any(choose_group_size(layer.in_features, mode, group_size) != layer.group_size for layer in layers):
+        raise QuantizationError("cannot save a model whose layers were quantized with different group sizes")
+    return {"format": "paligemma", "mode": mode, "bits": BITS[mode], "group_size": group_size,
+            "layout": LAYOUTS[mode], "layout_version": LAYOUT_VERSION}

@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import os
+import shutil
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -32,23 +33,32 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-# safetensors dtype name -> torch dtype, for the floating types weights are stored in.
+# safetensors dtype name -> torch dtype, for the floating types weights are stored in, and for all of them.
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+DTYPES = {**FLOAT_DTYPES, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+          "I64": torch.int64}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def checkpoint_files(directory: Path, holds_weights: Callable[[list[str]], bool] | None = None) -> list[Path]:
+def checkpoint_files(directory: Path, holds_weights: Callable[[list[str]], bool] | None = None,
+                     stem: str = "model") -> list[Path]:
     """The safetensors files of a checkpoint directory, checking the index and refusing pickles.
+
+    `stem` names the files: STEM.safetensors, or shards listed in STEM.safetensors.index.json; "model"
+    is Hugging Face's, "model-quantized" a quantized checkpoint's (quantized_checkpoint.py).
 
     Every file must lie in `directory` itself: an index naming `../x`, `/abs/x` or `sub/x`, or a symbolic
     link leading out of the folder, is refused (a Hub cache snapshot's links into its own `blobs/` are
     fine). Without an index or model.safetensors, the one .safetensors file whose tensor names pass
     `holds_weights` is taken (a mask codec or optimizer state next to the weights is not the model).
     """
-    index = directory / INDEX_FILE
+    index, single = directory / f"{stem}.safetensors.index.json", directory / f"{stem}.safetensors"
     if index.exists():
         files = [directory / name for name in _index_names(directory, index)]
-    elif (directory / SINGLE_FILE).is_file():
-        files = [directory / SINGLE_FILE]
+    elif single.is_file():
+        files = [single]
+    elif stem != "model":
+        raise CheckpointError(f"{directory} holds neither {single.name} nor shards with {index.name}")
     else:
         files = _only_weights_file(directory, holds_weights)
     for file in files:
@@ -75,7 +85,7 @@ def _index_names(directory: Path, index: Path) -> list[str]:
         raise CheckpointError(_pickle_message(directory, pickles))
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
-        raise CheckpointError(f"{directory} is missing shard(s) {missing} listed in {INDEX_FILE}; "
+        raise CheckpointError(f"{directory} is missing shard(s) {missing} listed in {index.name}; "
                               "the download is incomplete: fetch the checkpoint again")
     return names
 
@@ -148,9 +158,10 @@ def tensor_headers(files: list[Path]) -> Iterator[tuple[Path, str, tuple[int, ..
                 yield file, key, tuple(info.get_shape()), info.get_dtype()
 
 
-def read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype,
+def read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype | None,
                  device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The tensors `names` [(name to return it under, key in the file)] of one safetensors file, as `dtype` on `device`.
+    """The tensors `names` [(name to return it under, key in the file)] of one safetensors file, as `dtype`
+    (None: each in its own) on `device`.
 
     Tensors already in `dtype` on the CPU are views of a private (copy-on-write) memory map of the
     file: no copy, nothing read until used, and pages shared with the OS page cache, so resident
@@ -160,7 +171,7 @@ def read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype,
     with open(file, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
-        if any(header[key]["dtype"] not in FLOAT_DTYPES for _, key in names):
+        if any(header[key]["dtype"] not in DTYPES for _, key in names):
             with safe_open(file, framework="pt", device="cpu") as handle:
                 return {name: handle.get_tensor(key).to(device=device, dtype=dtype) for name, key in names}
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -170,18 +181,19 @@ def read_tensors(file: Path, names: list[tuple[str, str]], dtype: torch.dtype,
     for name, key in names:
         info = header[key]
         start, end = info["data_offsets"]
-        source = FLOAT_DTYPES[info["dtype"]]
+        source = DTYPES[info["dtype"]]
+        target = source if dtype is None else dtype
         count = (end - start) // source.itemsize
         if count * source.itemsize != end - start or count != math.prod(info["shape"]):
             raise CheckpointError(f"{file}: tensor {key} has {end - start} bytes for shape {info['shape']}")
         if count == 0:
-            out[name] = torch.empty(info["shape"], dtype=dtype, device=device)
+            out[name] = torch.empty(info["shape"], dtype=target, device=device)
             continue
         with warnings.catch_warnings():
             # "non-writable buffer": the map is copy-on-write, writes never reach the file
             warnings.simplefilter("ignore")
             tensor = torch.frombuffer(mapped, dtype=source, count=count, offset=base + start).view(info["shape"])
-        out[name] = tensor.to(device=device, dtype=dtype)
+        out[name] = tensor.to(device=device, dtype=target)
         if out[name].data_ptr() != tensor.data_ptr():  # converted or moved: the mapped source is done with
             release_file_pages(tensor)
     return out
@@ -224,36 +236,127 @@ def release_file_pages(tensor: torch.Tensor) -> int:
     return 0
 
 
-def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
-    """`tensors` (CPU, contiguous) as model.safetensors, or as shards of at most `max_shard_bytes` and their index.
+def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int, stem: str = "model") -> None:
+    """`tensors` (CPU, contiguous) as STEM.safetensors, or as shards of at most `max_shard_bytes` and their index.
 
-    Weight files already in `directory` are replaced. Each file is written under a temporary name and
-    renamed into place, so a crash never leaves a truncated file under a name a loader reads; the
-    index, if any, is written last, so a half-written set of shards has none and is refused.
+    Weight files already in `directory` (model*.safetensors, their indexes) are replaced. Each file is
+    written under a temporary name and renamed into place, so a crash never leaves a truncated file
+    under a name a loader reads; the index, if any, is written last, so a half-written set of shards
+    has none and is refused.
     """
-    shards: list[dict] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    names = ([SINGLE_FILE] if len(shards) == 1
-             else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_FILE]:
+    names, shards = _plan_shards({key: _nbytes(t.shape, t.dtype) for key, t in tensors.items()}, max_shard_bytes,
+                                 stem)
+    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model*.safetensors.index.json")):
         if stale.name not in names:
             stale.unlink(missing_ok=True)
-    for name, shard in zip(names, shards, strict=True):
+    for name, keys in zip(names, shards, strict=True):
         with _written_atomically(directory / name) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
-    if len(shards) == 1:
+            save_file({key: tensors[key] for key in keys}, tmp, metadata={"format": "pt"})
+    _write_index(directory, stem, names, shards, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+class StreamedCheckpoint:
+    """A checkpoint written one tensor at a time, each straight to its place in its shard: memory holds the
+    tensor being written, never a shard. The names, shapes and dtypes are known in advance:
+
+        with new_folder(out) as tmp:
+            writer = StreamedCheckpoint(tmp, {key: (shape, dtype), ...}, max_shard_bytes)
+            for key in writer.keys:
+                writer.write(key, make_tensor(key))      # in any order
+            writer.close()                              # checks every tensor was written, writes the index
+
+    The files are what `write_shards` writes (safetensors, shards named by `stem`, tensors aligned to
+    their element size), made in a new folder: a half-written one is never taken for a checkpoint.
+    """
+
+    def __init__(self, directory: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int, stem: str = "model"):
+        self.directory, self.stem, self.layout = Path(directory), stem, layout
+        self.keys = list(layout)
+        sizes = {key: _nbytes(shape, dtype) for key, (shape, dtype) in layout.items()}
+        self.names, self.shards = _plan_shards(sizes, max_shard_bytes, stem)
+        self.total = sum(sizes.values())
+        self.places: dict[str, tuple[Path, int]] = {}  # key -> (file, offset of its bytes)
+        for name, keys in zip(self.names, self.shards, strict=True):
+            # Widest elements first: every tensor starts at a multiple of its element size.
+            keys = sorted(keys, key=lambda key: -layout[key][1].itemsize)
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for key in keys:
+                shape, dtype = layout[key]
+                header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                               "data_offsets": [offset, offset + sizes[key]]}
+                offset += sizes[key]
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)
+            with open(self.directory / name, "wb") as f:
+                f.write(len(encoded).to_bytes(8, "little") + encoded)
+                f.truncate(8 + len(encoded) + offset)
+            for key in keys:
+                self.places[key] = (self.directory / name, 8 + len(encoded) + header[key]["data_offsets"][0])
+        self.missing = set(self.keys)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        shape, dtype = self.layout[key]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{key}: expected {tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}")
+        file, offset = self.places[key]
+        if tensor.numel():
+            data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+            with open(file, "r+b") as f:
+                f.seek(offset)
+                f.write(memoryview(data))
+        self.missing.discard(key)
+
+    def close(self) -> None:
+        if self.missing:
+            raise ValueError(f"{len(self.missing)} tensor(s) never written, e.g. {sorted(self.missing)[:3]}")
+        _write_index(self.directory, self.stem, self.names, self.shards, self.total)
+
+
+@contextlib.contextmanager
+def new_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder next to `path` to fill, renamed to `path` once filled; removed on failure.
+    `path` must not exist: nothing is overwritten."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose another output folder or remove it first")
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _plan_shards(sizes: dict[str, int], max_shard_bytes: int, stem: str) -> tuple[list[str], list[list[str]]]:
+    """(file names, keys per file): keys in order, a new shard when the next would pass `max_shard_bytes`."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = ([f"{stem}.safetensors"] if len(shards) == 1
+             else [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    return names, shards
+
+
+def _write_index(directory: Path, stem: str, names: list[str], shards: list[list[str]], total: int) -> None:
+    """STEM.safetensors.index.json for more than one shard, written last."""
+    if len(names) == 1:
         return
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total},
-             "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard}}
-    with _written_atomically(directory / INDEX_FILE) as tmp:
+             "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys}}
+    with _written_atomically(directory / f"{stem}.safetensors.index.json") as tmp:
         tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
