@@ -5,7 +5,8 @@
   and how often `detect` of an absent shape correctly answers nothing.
 - counting: `answer en how many {shape}s are there?` for every shape, exact match.
 - colour: `answer en what color is the {shape}?` for every shape present exactly once, exact match.
-- captions: `caption en`, exact match of the whole sentence.
+- captions: `caption en`, exact match of the whole sentence, and CIDEr-D over all scenes (one
+  reference per scene: its canonical caption; `paligemma.metrics.cider`, COCO's tokenization).
 - segmentation (only with a mask codec, e.g. the checkpoint's `mask_codec.safetensors`): `segment
   {shape}` for every shape present in the scene; each answer is decoded with the codec into
   full-resolution masks (`parse_segmentations`), the masks labelled with that shape are matched
@@ -19,6 +20,11 @@
   matched per asked shape like single-class detection (a box labelled with a shape the prompt did
   not name matches nothing); recall is over the objects of the asked shapes, precision over every
   predicted box; prompts naming only absent shapes should get an empty answer.
+
+The matching and the averages are `paligemma.metrics`' (`detection_matches`, `mask_miou`,
+`greedy_match`), the functions `paligemma eval` scores with; the numbers are the ones this module
+computed with its own matchers before (same definitions), except that a multi-class segmentation
+score over no true object at all is now NaN (undefined) instead of 0.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..generation import generate
+from ..metrics import cider, detection_matches, greedy_match, mask_iou, mask_miou
 from ..segmentation import parse_segmentations
 from ..tasks import parse_detections
 from .recipe import EVAL_SEED0, SCENE_SIZE
@@ -42,8 +49,6 @@ from .scenes import (
     count_prompt,
     detect_prompt,
     generate_scene,
-    iou,
-    mask_iou,
     matching_objects,
     segment_prompt,
     unique_shapes,
@@ -91,6 +96,7 @@ class DemoScores:
     counting_accuracy: float
     color_accuracy: float
     caption_exact_match: float
+    caption_cider: float  # CIDEr-D, one reference per scene (not a fraction: a perfect caption scores ~10)
     malformed_detect_answers: int
     # Only when evaluated with a mask codec (None otherwise, and left out of as_dict).
     segmentation_miou: float | None = None
@@ -109,6 +115,7 @@ class DemoScores:
                 ("caption exact match", self.caption_exact_match)]
         lines = [f"| metric ({self.scenes} held-out scenes) | score |", "|---|---|"]
         lines += [f"| {name} | {value:.1%} |" for name, value in rows]
+        lines.append(f"| caption CIDEr-D | {self.caption_cider:.3f} |")
         if self.segmentation_miou is not None:
             lines.append(f"| segmentation mean mask IoU | {self.segmentation_miou:.1%} |")
         lines.append(f"| malformed detect answers | {self.malformed_detect_answers} |")
@@ -151,45 +158,41 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
                 progress(len(answers), len(items))
 
     exact = {"caption": [], "count": [], "color": []}
-    found = objects = predicted = correct_predictions = malformed = 0
-    absent_empty = []
-    segment_ious, segment_predictions, segment_malformed = [], 0, 0
+    captions = []  # (answer, reference)
+    detected, true_boxes, malformed, absent_empty = [], [], 0, []
+    segmented, true_masks, segment_predictions, segment_malformed = [], [], 0, 0
     for i, (task, index, shape, _, expected) in enumerate(items):
+        asked = [o for o in scenes[index].objects if o.shape == shape]
         if task == "segment":
-            scene = scenes[index]
             result = parse_segmentations(answers[i], (SCENE_SIZE, SCENE_SIZE), codec)
             segment_malformed += bool(result.errors)
-            predicted_masks = [o.mask for o in result.objects if o.label == shape]
-            segment_predictions += len(predicted_masks)
-            segment_ious += match_masks([o.mask for o in scene.objects if o.shape == shape], predicted_masks)
+            segment_predictions += sum(o.label == shape for o in result.objects)
+            segmented.append(result.objects)  # matched within their label: other labels count nothing
+            true_masks.append([(o.shape, o.mask) for o in asked])
             continue
         if task != "detect":
             exact[task].append(answers[i].strip() == expected)
+            captions += [(answers[i], expected)] if task == "caption" else []
             continue
-        scene = scenes[index]
         result = parse_detections(answers[i], (SCENE_SIZE, SCENE_SIZE))
         malformed += bool(result.errors)
-        truth = [obj.box for obj in scene.objects if obj.shape == shape]
-        if not truth:
+        if not asked:
             absent_empty.append(not result.objects and not result.errors)
-            predicted += len(result.objects)
-            continue
-        boxes = [d.box for d in result.objects if d.label == shape]
-        predicted += len(result.objects)
-        matched = sum(score > 0.0 for score in greedy_match(truth, boxes, iou, IOU_THRESHOLD))
-        found += matched
-        correct_predictions += matched
-        objects += len(truth)
+        detected.append(result.objects)
+        true_boxes.append([(o.shape, o.box) for o in asked])
+    boxes = detection_matches(detected, true_boxes, IOU_THRESHOLD)
 
     def mean(values):
         return sum(values) / len(values) if values else float("nan")
 
     return DemoScores(
-        scenes=num_scenes, detection_recall=found / max(objects, 1),
-        detection_precision=correct_predictions / max(predicted, 1), absent_shape_empty=mean(absent_empty),
+        scenes=num_scenes, detection_recall=boxes.matched / max(boxes.ground_truth, 1),
+        detection_precision=boxes.matched / max(boxes.predicted, 1), absent_shape_empty=mean(absent_empty),
         counting_accuracy=mean(exact["count"]), color_accuracy=mean(exact["color"]),
-        caption_exact_match=mean(exact["caption"]), malformed_detect_answers=malformed,
-        **({} if codec is None else dict(segmentation_miou=mean(segment_ious), segment_predictions=segment_predictions,
+        caption_exact_match=mean(exact["caption"]),
+        caption_cider=cider([a for a, _ in captions], [[r] for _, r in captions]), malformed_detect_answers=malformed,
+        **({} if codec is None else dict(segmentation_miou=mask_miou(segmented, true_masks),
+                                         segment_predictions=segment_predictions,
                                          malformed_segment_answers=segment_malformed)),
         multiclass=evaluate_multiclass(model, processor, scenes, seed0, batch_size, codec) if multiclass else None,
     )
@@ -222,57 +225,34 @@ def evaluate_multiclass(model, processor, scenes: list, seed0: int, batch_size: 
         return answers
 
     # A scene has at most 4 objects whatever the prompt asks, so single-class answer lengths suffice.
-    found = objects = predicted = unasked = malformed = 0
-    absent_empty = []
+    unasked = malformed = 0
+    absent_empty, detected, true_boxes = [], [], []
     for (index, labels), text in zip(detect_items, answer(detect_items, detect_prompt, _MAX_NEW_TOKENS["detect"])):
         result = parse_detections(text, (SCENE_SIZE, SCENE_SIZE))
         malformed += bool(result.errors)
-        predicted += len(result.objects)
         unasked += sum(d.label not in labels for d in result.objects)
         truth = matching_objects(scenes[index], labels)
         if not truth:
             absent_empty.append(not result.objects and not result.errors)
-        objects += len(truth)
-        for shape in labels:
-            boxes = [d.box for d in result.objects if d.label == shape]
-            matched = greedy_match([o.box for o in truth if o.shape == shape], boxes, iou, IOU_THRESHOLD)
-            found += sum(score > 0.0 for score in matched)
-    segment_ious, segment_malformed = [], 0
+        detected.append(result.objects)  # a box labelled with an unasked shape matches no true object
+        true_boxes.append([(o.shape, o.box) for o in truth])
+    boxes = detection_matches(detected, true_boxes, IOU_THRESHOLD)
+    segmented, true_masks, segment_malformed = [], [], 0
     segment_answers = answer(segment_items, segment_prompt, _MAX_NEW_TOKENS["segment"]) if segment_items else []
     for (index, labels), text in zip(segment_items, segment_answers):
         result = parse_segmentations(text, (SCENE_SIZE, SCENE_SIZE), codec)
         segment_malformed += bool(result.errors)
-        for shape in labels:
-            segment_ious += match_masks([o.mask for o in scenes[index].objects if o.shape == shape],
-                                        [o.mask for o in result.objects if o.label == shape])
+        segmented.append(result.objects)
+        true_masks.append([(o.shape, o.mask) for o in matching_objects(scenes[index], labels)])
     return MulticlassScores(
-        detect_prompts=len(detect_items), detection_recall=found / max(objects, 1),
-        detection_precision=found / max(predicted, 1),
+        detect_prompts=len(detect_items), detection_recall=boxes.matched / max(boxes.ground_truth, 1),
+        detection_precision=boxes.matched / max(boxes.predicted, 1),
         absent_classes_empty=sum(absent_empty) / len(absent_empty) if absent_empty else float("nan"),
         unasked_labels=unasked, malformed_detect_answers=malformed,
-        **({} if codec is None else dict(segmentation_miou=sum(segment_ious) / max(len(segment_ious), 1),
+        **({} if codec is None else dict(segmentation_miou=mask_miou(segmented, true_masks),
                                          malformed_segment_answers=segment_malformed)))
 
 
 def match_masks(truth: list, predicted: list) -> list[float]:
     """Each true mask's IoU with the predicted mask matched to it (`greedy_match` by mask IoU), 0.0 when none is."""
     return greedy_match(truth, predicted, mask_iou)
-
-
-def greedy_match(truth: list, predicted: list, similarity, threshold: float = 0.0) -> list[float]:
-    """Each true item's similarity with the prediction matched to it, 0.0 when none is.
-
-    Greedy one-to-one matching: pairs are taken by decreasing similarity (ties: the earlier true item,
-    then the earlier prediction), each item used at most once; pairs below `threshold` or with no
-    overlap at all (similarity 0) are never matched.
-    """
-    pairs = sorted((-similarity(t, p), ti, pi) for ti, t in enumerate(truth) for pi, p in enumerate(predicted))
-    scores, used_truth, used_predicted = [0.0] * len(truth), set(), set()
-    for negative, ti, pi in pairs:
-        if -negative <= 0.0 or -negative < threshold:
-            break
-        if ti not in used_truth and pi not in used_predicted:
-            scores[ti] = -negative
-            used_truth.add(ti)
-            used_predicted.add(pi)
-    return scores
