@@ -90,6 +90,8 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..metrics import box_iou as iou  # noqa: F401 - the scenes' IoUs are the metrics' (imported from here too)
+from ..metrics import mask_iou  # noqa: F401
 from ..tasks import format_detections
 
 if TYPE_CHECKING:
@@ -456,26 +458,6 @@ def corpus_lines() -> Iterator[str]:
     for i, a in enumerate(phrases):
         yield _join_phrases([a, phrases[(i + 5) % n], phrases[(i + 11) % n]])
         yield _join_phrases([a, phrases[(i + 7) % n], phrases[(i + 13) % n], phrases[(i + 2) % n]])
-
-
-def iou(box_a: tuple[float, float, float, float], box_b: tuple[float, float, float, float]) -> float:
-    """Intersection over union of two (x0, y0, x1, y1) boxes (x1/y1 exclusive); 0.0 if both are empty."""
-    ix = max(0.0, min(box_a[2], box_b[2]) - max(box_a[0], box_b[0]))
-    iy = max(0.0, min(box_a[3], box_b[3]) - max(box_a[1], box_b[1]))
-    inter = ix * iy
-    area_a = max(0.0, box_a[2] - box_a[0]) * max(0.0, box_a[3] - box_a[1])
-    area_b = max(0.0, box_b[2] - box_b[0]) * max(0.0, box_b[3] - box_b[1])
-    union = area_a + area_b - inter
-    return inter / union if union > 0 else 0.0
-
-
-def mask_iou(mask_a: np.ndarray, mask_b: np.ndarray) -> float:
-    """Intersection over union of two bool masks of the same shape; 0.0 if both are empty."""
-    mask_a, mask_b = np.asarray(mask_a, dtype=bool), np.asarray(mask_b, dtype=bool)
-    if mask_a.shape != mask_b.shape:
-        raise ValueError(f"masks of different shapes {mask_a.shape} and {mask_b.shape}")
-    union = np.count_nonzero(mask_a | mask_b)
-    return np.count_nonzero(mask_a & mask_b) / union if union else 0.0
 
 
 def write_dataset_jsonl(
