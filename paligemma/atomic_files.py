@@ -40,6 +40,7 @@ def written_atomically(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
