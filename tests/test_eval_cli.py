@@ -102,14 +102,17 @@ def test_vqa_accuracy_from_ten_answers(shapes, tmp_path, capsys):
 
 def test_detect_map_from_the_answers(shapes, tmp_path, capsys):
     summary, records = _evaluate(capsys, shapes["detect"], "detect", tmp_path / "pred.jsonl")
-    predicted = [parse_detections(r["prediction"], SIZE).objects for r in records]
+    # Each box carries the probability the model wrote it with: the score COCO's ranking uses.
+    predicted = [[(o["label"], o["box"], o["score"]) for o in r["objects"]] for r in records]
+    assert all(0.0 < score <= 1.0 for objects in predicted for _, _, score in objects)
+    parsed = [parse_detections(r["prediction"], SIZE).objects for r in records]
+    assert [[(d.label, d.box) for d in p] for p in parsed] == [[(label, box) for label, box, _ in p] for p in predicted]
     truth = [parse_detections(r["references"][0], SIZE).objects for r in records]
     expected = metrics.detection_map(predicted, truth)
     counts = metrics.detection_matches(predicted, truth)
     assert {k: summary["metrics"][k] for k in ("map", "map50", "map75")} == pytest.approx(expected)
     assert summary["metrics"]["recall50"] == pytest.approx(counts.recall)
     assert summary["metrics"]["precision50"] == pytest.approx(counts.precision)
-    assert [[o["box"] for o in r["objects"]] for r in records] == [[d.box for d in p] for p in predicted]
     assert sum(r["matched50"] for r in records) == counts.matched
     assert summary["metrics"]["map50"] > 0.5 and summary["metrics"]["malformed_answers"] == 0
 

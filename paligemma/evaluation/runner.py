@@ -47,7 +47,7 @@ def evaluate_examples(model, processor, examples: Sequence[EvalExample], task: s
         max_new_tokens = default_max_new_tokens(processor, references)
     max_pixels = processor.image_processor.max_pixels
     bar = _progress_bar(progress, len(examples))
-    answers, finish_reasons, sizes = [], [], []
+    answers, finish_reasons, sizes, spans = [], [], [], []
     try:
         for first in range(0, len(examples), batch_size):
             chunk = examples[first:first + batch_size]
@@ -57,12 +57,13 @@ def evaluate_examples(model, processor, examples: Sequence[EvalExample], task: s
                                         max_new_tokens=max_new_tokens)
             answers += [r.text for r in results]
             finish_reasons += [r.finish_reason for r in results]
+            spans += [r.token_spans() for r in results]  # each box's probability: its score for mAP
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
-    scores = score_answers(task, answers, references, sizes, codec, wheres)
+    scores = score_answers(task, answers, references, sizes, codec, wheres, spans)
     records = [{"row": e.where, "image": str(e.example.image), "prefix": e.example.prefix,
                 "references": list(e.references), "prediction": answer, "finish_reason": reason, **own}
                for e, answer, reason, own in zip(examples, answers, finish_reasons, scores.per_example)]

@@ -63,10 +63,12 @@ def check_references(task: str, references: Sequence[Sequence[str]], wheres: Seq
 
 def score_answers(task: str, answers: Sequence[str], references: Sequence[Sequence[str]],
                   image_sizes: Sequence[tuple[int, int]] | None = None, codec=None,
-                  wheres: Sequence[str] | None = None) -> TaskScores:
+                  wheres: Sequence[str] | None = None, token_spans: Sequence | None = None) -> TaskScores:
     """Score `answers[i]` against `references[i]` (a list of reference answers; one for detect, refer
     and segment). `image_sizes[i]` is image i's (width, height), needed by detect, refer and segment;
-    `codec` (a `MaskCodec`) by segment; `wheres` names the rows in errors."""
+    `codec` (a `MaskCodec`) by segment; `wheres` names the rows in errors. `token_spans[i]` (answer i's
+    `GenerationResult.token_spans()`, or None) gives each box its score, the probability the model wrote
+    it with, which ranks the boxes for COCO mAP; without it every box scores 1 (ties, in answer order)."""
     check_task(task)
     if len(answers) != len(references):
         raise UsageError(f"got {len(answers)} answers for {len(references)} reference sets")
@@ -86,7 +88,9 @@ def score_answers(task: str, answers: Sequence[str], references: Sequence[Sequen
                             answers, references)
     truth = [_reference_objects(task, refs[0], size, codec, where)
              for refs, size, where in zip(references, image_sizes, wheres)]
-    parsed = [_parse(task, answer, size, codec) for answer, size in zip(answers, image_sizes)]
+    spans = token_spans if token_spans is not None else [None] * len(answers)
+    parsed = [_parse(task, answer, size, codec, answer_spans)
+              for answer, size, answer_spans in zip(answers, image_sizes, spans)]
     malformed = sum(bool(result.errors) for result in parsed)
     predicted = [result.objects for result in parsed]
     if task == "detect":
@@ -124,13 +128,13 @@ def _refer_scores(predicted, truth, parsed, malformed: int) -> TaskScores:
                       per_example)
 
 
-def _parse(task: str, answer: str, image_size, codec):
+def _parse(task: str, answer: str, image_size, codec, token_spans=None):
     if task == "segment":
         if codec is None:
             raise UsageError("scoring segment answers needs the mask codec that decodes their <seg> codes: pass "
                              "--mask-codec (or use a checkpoint with a mask_codec.safetensors)")
-        return parse_segmentations(answer, image_size, codec)
-    return parse_detections(answer, image_size)
+        return parse_segmentations(answer, image_size, codec, token_spans)
+    return parse_detections(answer, image_size, token_spans)
 
 
 def _reference_objects(task: str, reference: str, image_size, codec, where: str) -> list:

@@ -55,7 +55,7 @@ def evaluate(model: PaliGemma, processor, dataset: Sequence[Example], batch_size
     was_training = model.training
     model.eval()
     collate = Collator(processor, max_length)
-    loss_sum, tokens, correct, shown, answers = 0.0, 0, 0, [], []
+    loss_sum, tokens, correct, shown, answers, spans = 0.0, 0, 0, [], [], []
     try:
         for first in range(0, len(examples), batch_size):
             chunk = examples[first:first + batch_size]
@@ -72,6 +72,7 @@ def evaluate(model: PaliGemma, processor, dataset: Sequence[Example], batch_size
                                         max_new_tokens=max_new_tokens, image_features=features)
             for example, result in zip(chunk, results):
                 answers.append(result.text)
+                spans.append(result.token_spans())
                 correct += result.text.strip() == example.suffix.strip()
                 if len(shown) < 3:
                     shown.append({"prefix": example.prefix, "target": example.suffix, "answer": result.text})
@@ -83,6 +84,6 @@ def evaluate(model: PaliGemma, processor, dataset: Sequence[Example], batch_size
         if task in NEEDS_IMAGE_SIZE:
             max_pixels = processor.image_processor.max_pixels
             sizes = [load_image(e.image, max_pixels).shape[1::-1] for e in examples]  # (width, height)
-        scores = score_answers(task, answers, references, sizes, codec, [e.where for e in examples]).metrics
+        scores = score_answers(task, answers, references, sizes, codec, [e.where for e in examples], spans).metrics
     return {"eval_loss": loss_sum / max(tokens, 1), "exact_match": correct / len(examples),
             "num_examples": len(examples), **scores, "examples": shown}
