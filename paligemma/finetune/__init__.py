@@ -5,14 +5,15 @@
     summary = train(model, processor, "train.jsonl", TrainConfig(out_dir="out", model_dir=path, epochs=3),
                     eval_data="val.jsonl")
 
-Modules: `data` (JSONL rows, dataset, collator, sampler), `trainer` (the loop), `step` (one step's
-forward and backward passes, the token-weighted loss), `schedule` (warmup + cosine, AdamW),
+Modules: `data` (JSONL rows, dataset, collators, sampler), `trainer` (the loop), `run_folder` (claiming
+`--out`, the run's log files, the skipped-rows report), `step` (one step's forward and backward
+passes, the token-weighted loss), `schedule` (warmup + cosine, AdamW),
 `freezing`, `lora` (peft, optional), `checkpoint` (HF layout + resumable state, no pickles),
 `distributed` (torchrun env, gloo), `evaluation`, `cli`.
 """
 
 from .checkpoint import latest_checkpoint
-from .data import Collator, DataError, Example, FinetuneDataset
+from .data import Collator, DataError, Example, FinetuneDataset, SkippedRow, TrainingCollator
 from .evaluation import evaluate
 from .freezing import FREEZABLE, set_trainable
 from .lora import apply_lora, has_lora, load_adapter, merge_lora, save_adapter
@@ -20,7 +21,7 @@ from .schedule import lr_at
 from .trainer import TrainConfig, TrainSummary, train
 
 __all__ = [
-    "Collator", "DataError", "Example", "FREEZABLE", "FinetuneDataset", "TrainConfig", "TrainSummary",
-    "apply_lora", "evaluate", "has_lora", "latest_checkpoint", "load_adapter", "lr_at", "merge_lora",
-    "save_adapter", "set_trainable", "train",
+    "Collator", "DataError", "Example", "FREEZABLE", "FinetuneDataset", "SkippedRow", "TrainConfig", "TrainSummary",
+    "TrainingCollator", "apply_lora", "evaluate", "has_lora", "latest_checkpoint", "load_adapter", "lr_at",
+    "merge_lora", "save_adapter", "set_trainable", "train",
 ]
