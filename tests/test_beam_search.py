@@ -2,32 +2,17 @@
 
 import pytest
 import torch
-from tiny_models import write_complete_checkpoint
+from decoding_helpers import photos, tiny_pair_fixture
 
 import paligemma
 from paligemma.beam_search import beam_search
 from paligemma.generation import generate_detailed
-from paligemma.processor import load_processor
 
 PROMPTS = ["caption en", "answer en how many circles are there?", "detect red circle"]
 MAX_NEW = 10
 
 
-@pytest.fixture(scope="module", params=["gemma", "gemma2"])
-def loaded(request, tmp_path_factory, spm_model_path, spm_layout):
-    """(model, processor, reference) with <eos> made likely enough that beams end at different lengths."""
-    directory = tmp_path_factory.mktemp(f"beam-{request.param}")
-    reference = write_complete_checkpoint(directory, request.param, spm_model_path, spm_layout, kv_heads=2, window=12)
-    with torch.no_grad():
-        embeddings = reference.get_input_embeddings().weight  # tied: also the <eos> row of the LM head
-        embeddings[spm_layout.eos_id] *= 3.0
-    reference.save_pretrained(directory)
-    return paligemma.load_model(directory), load_processor(directory), reference
-
-
-def _images(photos, n):
-    names = ["astronaut", "coffee", "chelsea"]
-    return [photos[names[i % 3]] for i in range(n)]
+loaded = tiny_pair_fixture("beam", eos_scale=3.0)  # <eos> likely enough that beams end at different lengths
 
 
 def _reference_beams(reference, inputs, eos_id, **kwargs):
@@ -45,7 +30,7 @@ def _reference_beams(reference, inputs, eos_id, **kwargs):
 ])
 def test_beams_match_transformers_on_a_ragged_batch(loaded, skimage_photos, length_penalty, early_stopping):
     model, processor, reference = loaded
-    images = _images(skimage_photos, 3)
+    images = photos(skimage_photos, 3)
     inputs = processor(images=images, prompts=PROMPTS)
     assert (inputs["attention_mask"] == 0).any()  # unequal prompt lengths: left padding
     eos = processor.tokenizer.eos_id
@@ -65,7 +50,7 @@ def test_beams_match_transformers_on_a_ragged_batch(loaded, skimage_photos, leng
 def test_the_reference_ends_beams_at_different_lengths(loaded, skimage_photos):
     """What makes the comparisons above meaningful: some answers end with <eos> early, some run to the limit."""
     model, processor, _ = loaded
-    results = generate_detailed(model, processor, _images(skimage_photos, 3), PROMPTS, max_new_tokens=MAX_NEW, n=3,
+    results = generate_detailed(model, processor, photos(skimage_photos, 3), PROMPTS, max_new_tokens=MAX_NEW, n=3,
                                 num_beams=3)
     lengths = {len(r.token_ids) for r in results}
     assert len(lengths) >= 2 and any(r.finish_reason == "eos" for r in results), lengths
@@ -73,7 +58,7 @@ def test_the_reference_ends_beams_at_different_lengths(loaded, skimage_photos):
 
 def test_a_prompt_alone_equals_the_same_prompt_in_a_batch(loaded, skimage_photos):
     model, processor, _ = loaded
-    images = _images(skimage_photos, 3)
+    images = photos(skimage_photos, 3)
     batched = generate_detailed(model, processor, images, PROMPTS, max_new_tokens=[MAX_NEW, 6, 8], num_beams=2)
     for i, prompt in enumerate(PROMPTS):
         alone = generate_detailed(model, processor, [images[i]], [prompt], max_new_tokens=[MAX_NEW, 6, 8][i],
@@ -93,13 +78,13 @@ def test_each_prompt_is_prefilled_once(loaded, skimage_photos, monkeypatch):
         return original(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(model, "prefill", counting_prefill)
-    beam_search(model, processor, _images(skimage_photos, 2), PROMPTS[:2], num_beams=4, max_new_tokens=5)
+    beam_search(model, processor, photos(skimage_photos, 2), PROMPTS[:2], num_beams=4, max_new_tokens=5)
     assert prefilled == [2]  # one prefill of the two prompts, not of 2 x 4 beams
 
 
 def test_cache_rows_copied_after_prefill_equal_prefilling_them(loaded, skimage_photos):
     model, processor, _ = loaded
-    inputs = processor(images=_images(skimage_photos, 2), prompts=PROMPTS[:2])
+    inputs = processor(images=photos(skimage_photos, 2), prompts=PROMPTS[:2])
     rows = torch.tensor([1, 0, 1, 1])
     with torch.no_grad():
         features = model.encode_images(inputs["pixel_values"])
@@ -125,10 +110,10 @@ def test_cache_rows_copied_after_prefill_equal_prefilling_them(loaded, skimage_p
 def test_settings_beam_search_cannot_take_are_refused(loaded, skimage_photos, kwargs, message):
     model, processor, _ = loaded
     with pytest.raises(paligemma.UsageError, match=message):
-        generate_detailed(model, processor, _images(skimage_photos, 1), PROMPTS[:1], num_beams=3, **kwargs)
+        generate_detailed(model, processor, photos(skimage_photos, 1), PROMPTS[:1], num_beams=3, **kwargs)
 
 
 def test_length_settings_without_beams_are_refused(loaded, skimage_photos):
     model, processor, _ = loaded
     with pytest.raises(paligemma.UsageError, match="num_beams"):
-        generate_detailed(model, processor, _images(skimage_photos, 1), PROMPTS[:1], length_penalty=2.0)
+        generate_detailed(model, processor, photos(skimage_photos, 1), PROMPTS[:1], length_penalty=2.0)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import write_complete_checkpoint
+from decoding_helpers import tiny_pair
 
 import paligemma
 from paligemma.cli_common import DEMO_MASK_CODEC, DEMO_MODEL_DIR
@@ -109,9 +109,9 @@ def test_prompts_without_a_grammar_are_usage_errors(tokenizer, prompt, message):
 
 @pytest.fixture(scope="module", params=["gemma", "gemma2"])
 def tiny(request, tmp_path_factory, spm_model_path, spm_layout):
-    directory = tmp_path_factory.mktemp(f"constrained-{request.param}")
-    write_complete_checkpoint(directory, request.param, spm_model_path, spm_layout, kv_heads=2, window=12)
-    return paligemma.load_model(directory), paligemma.load_processor(directory)
+    model, processor, _ = tiny_pair(tmp_path_factory.mktemp(f"constrained-{request.param}"), request.param,
+                                    spm_model_path, spm_layout)
+    return model, processor
 
 
 def test_constrained_answers_of_random_models_all_parse(tiny, skimage_photos, codec):

@@ -5,27 +5,18 @@ import math
 
 import pytest
 import torch
-from tiny_models import write_complete_checkpoint
+from decoding_helpers import photos_fixture, tiny_pair_fixture
 
 import paligemma
 from paligemma.generation import generate_detailed, stream_generate
-from paligemma.processor import load_processor
 from paligemma.sampling import SamplingParams, choice_seed, filter_logits
 from paligemma.tasks import Detection, TokenSpan, box_iou, filter_detections, parse_detections
 
 PROMPTS = ["caption en", "answer en how many circles are there?", "detect red circle"]
 
 
-@pytest.fixture(scope="module", params=["gemma", "gemma2"])
-def loaded(request, tmp_path_factory, spm_model_path, spm_layout):
-    directory = tmp_path_factory.mktemp(f"logprobs-{request.param}")
-    reference = write_complete_checkpoint(directory, request.param, spm_model_path, spm_layout, kv_heads=2, window=12)
-    return paligemma.load_model(directory), load_processor(directory), reference
-
-
-@pytest.fixture
-def images(skimage_photos):
-    return [skimage_photos[name] for name in ("astronaut", "coffee", "chelsea")]
+loaded = tiny_pair_fixture("logprobs")
+images = photos_fixture()
 
 
 def _teacher_forced_logits(model, processor, image, prompt, tokens):

@@ -3,27 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import write_complete_checkpoint
+from decoding_helpers import photos_fixture, tiny_pair_fixture
 
 import paligemma
 from paligemma.model import IGNORE_INDEX
-from paligemma.processor import load_processor
 from paligemma.scoring import classify, score
 
 PROMPTS = ["caption en", "answer en how many circles are there?", "detect red circle"]
 ANSWERS = ["a red circle and a purple star", "3", "<loc0100><loc0200><loc0300><loc0400> red circle"]
 
 
-@pytest.fixture(scope="module", params=["gemma", "gemma2"])
-def loaded(request, tmp_path_factory, spm_model_path, spm_layout):
-    directory = tmp_path_factory.mktemp(f"score-{request.param}")
-    reference = write_complete_checkpoint(directory, request.param, spm_model_path, spm_layout, kv_heads=2, window=12)
-    return paligemma.load_model(directory), load_processor(directory), reference
-
-
-@pytest.fixture
-def images(skimage_photos):
-    return [skimage_photos[name] for name in ("astronaut", "coffee", "chelsea")]
+loaded = tiny_pair_fixture("score")
+images = photos_fixture()
 
 
 def _reference_token_losses(reference, processor, images, prompts, answers):
