@@ -54,6 +54,7 @@ _PLUGINS = [
     ("convert", "paligemma.convert_cli", "convert big_vision .npz checkpoints to and from HF folders"),
     ("quantize", "paligemma.quantize_cli", "write a quantized (int8/int4) checkpoint, loaded as a memory map"),
     ("data", "paligemma.data_import.cli", "import COCO, YOLO or mask-folder datasets as training JSONL"),
+    ("batch", "paligemma.batch_cli", "answer a dataset (JSONL or a folder), resumable, sharded under torchrun"),
 ]
 
 # PaliGemmaError: bad settings, checkpoints, images, data (paligemma/errors.py); OSError: files that
