@@ -220,6 +220,28 @@ def test_a_resumed_run_skips_the_same_rows_and_equals_an_uninterrupted_one(tmp_p
     assert len(skipped(tmp_path / "whole")) == 1 and skipped(tmp_path / "cut") == skipped(tmp_path / "whole")
 
 
+def test_two_processes_skip_and_replace_the_same_rows_as_one(tmp_path, base_dir):
+    # Each process builds half of every global micro-batch: a bad row found by either is reported once,
+    # by rank 0, and replaced by the same row as in one process, so the losses agree.
+    rows = [good_row(tmp_path, i) for i in range(8)]
+    rows[2] = {"image": truncated_png(tmp_path), "prefix": "caption en", "suffix": "x"}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    losses = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        launcher = ["-m", "paligemma.finetune.cli"] if processes == 1 else \
+            ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "paligemma.finetune.cli"]
+        done = subprocess.run([sys.executable, *launcher, "--model", str(base_dir), "--data", str(path), "--out",
+                               str(out), "--steps", "4", "--batch-size", "4", "--lr", "3e-3", "--freeze", "vision",
+                               "--no-progress"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                                    PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[processes] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["where"] for r in skipped(out)] == [f"{path}:3"]
+    assert losses[2] == pytest.approx(losses[1], rel=1e-6)
+
+
 # ---------------------------------------------------------------------- item 4: files and folders in one step
 
 def _first_run(tmp_path, base_dir, processor, **overrides) -> Path:
