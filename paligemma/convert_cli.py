@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from .bigvision_npz import save_npz
+from .checkpoint_layout import refuse_quantized
+from .config import PaliGemmaConfig
 from .errors import UsageError
+from .hub import resolve_checkpoint
 from .loading import load_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
             shutil.copyfile(args.tokenizer, out / "tokenizer.model")
         print(f"wrote {out} (config.json, model.safetensors{', tokenizer.model' if args.tokenizer else ''})")
     else:
-        model = load_model(args.input, dtype=dtype)
+        directory = resolve_checkpoint(args.input)
+        refuse_quantized(PaliGemmaConfig.from_json_file(directory / "config.json"), directory)  # .npz holds floats
+        model = load_model(directory, dtype=dtype)
         save_npz(model, out, vocab_size=args.vocab_size, overwrite=args.overwrite)
         print(f"wrote {out}")
     return 0

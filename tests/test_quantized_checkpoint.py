@@ -209,7 +209,14 @@ def int4_dir(tied_checkpoint, tmp_path_factory):
     return directory
 
 
-def test_float_weight_paths_and_transformers_refuse_a_quantized_checkpoint(int4_dir):
+def test_float_weight_paths_and_transformers_refuse_a_quantized_checkpoint(int4_dir, tmp_path, capsys):
+    for argv in (["finetune", "--model", str(int4_dir), "--data", str(tmp_path / "train.jsonl"), "--out",
+                  str(tmp_path / "run")],
+                 ["convert", "--from", "hf", "--to", "npz", "--input", str(int4_dir), "--out",
+                  str(tmp_path / "x.npz")]):
+        assert cli.main(argv) == 2
+        assert "is a quantized checkpoint (int4" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
     config = PaliGemmaConfig.from_json_file(int4_dir / "config.json")
     with torch.device("meta"):
         model = paligemma.PaliGemma(config)

@@ -15,7 +15,9 @@ import importlib.util
 import json
 import sys
 
+from ..checkpoint_layout import refuse_quantized
 from ..cli_common import add_model_arguments, checkpoint_dir, load
+from ..config import PaliGemmaConfig
 from ..errors import UsageError
 from ..evaluation.data import TASKS
 from .trainer import TrainConfig
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_rank and importlib.util.find_spec("peft") is None:
         raise UsageError("--lora-rank needs the optional 'peft' package: pip install peft")
     directory = checkpoint_dir(args.model)
+    refuse_quantized(PaliGemmaConfig.from_json_file(directory / "config.json"), directory)  # training needs floats
     config.model_dir = str(directory)
     env = init_distributed()
     model, processor, codec = load(directory, args.dtype)
