@@ -20,8 +20,8 @@ from pathlib import Path
 from ..cli_common import add_mask_codec_argument, add_model_arguments, checkpoint_dir, load, mask_codec_path
 from ..errors import UsageError
 from ..vqvae import load_mask_codec
-from .data import TASKS, read_eval_jsonl
-from .scoring import check_references
+from .data import read_eval_jsonl
+from .scoring import TASKS, check_references
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

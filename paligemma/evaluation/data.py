@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..finetune.data import DataError, Example, FinetuneDataset
+from .scoring import NEEDS_IMAGE_SIZE, check_task
 
-TASKS = ("caption", "vqa", "ocr", "detect", "refer", "segment")
-SINGLE_REFERENCE_TASKS = ("detect", "refer", "segment")  # the reference is parsed into objects
+SINGLE_REFERENCE_TASKS = NEEDS_IMAGE_SIZE  # the reference is parsed into objects
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,6 @@ class EvalExample:
     @property
     def where(self) -> str:
         return self.example.where
-
-
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise DataError(f"unknown evaluation task {task!r}: choose one of {', '.join(TASKS)}")
-    return task
 
 
 def read_eval_jsonl(path: str | os.PathLike, task: str, check_images: bool = True) -> list[EvalExample]:

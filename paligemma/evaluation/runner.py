@@ -1,6 +1,6 @@
 """Evaluate a model on rows: greedy answers in batches, then the task's metrics (`scoring.py`).
 
-    examples = read_eval_jsonl("val.jsonl", "caption")
+    examples = read_eval_jsonl("val.jsonl", "caption")   # paligemma.evaluation.data
     result = evaluate_examples(model, processor, examples, "caption", batch_size=8)
     result.metrics  # {"cider": ..., "exact_match": ...}; result.records: one dict per row
 
@@ -16,7 +16,6 @@ from typing import Sequence
 
 from ..generation import generate_detailed
 from ..images import load_image
-from .data import EvalExample
 from .scoring import check_references, score_answers
 
 # Extra tokens allowed past the longest reference answer, so a too-long answer is seen as wrong
@@ -36,9 +35,10 @@ def default_max_new_tokens(processor, references: Sequence[Sequence[str]]) -> in
     return max(len(processor.encode_suffix(r)) for refs in references for r in refs) + ANSWER_MARGIN
 
 
-def evaluate_examples(model, processor, examples: Sequence[EvalExample], task: str, batch_size: int = 8,
+def evaluate_examples(model, processor, examples: Sequence, task: str, batch_size: int = 8,
                       max_new_tokens: int | None = None, codec=None, progress: bool = False) -> EvalResult:
     """Answer every row's prefix about its image and score the answers for `task` (see scoring.py).
+    examples: `data.EvalExample`s (`.example` with image and prefix, `.references`, `.where`).
     progress: show a tqdm bar (when tqdm is installed)."""
     references = [e.references for e in examples]
     wheres = [e.where for e in examples]

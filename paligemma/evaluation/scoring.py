@@ -11,8 +11,8 @@ scored by `paligemma.metrics`. The one place `paligemma eval` and fine-tuning's 
 | segment | boxes + `<seg>` masks + labels | miou (mean mask IoU per true object), malformed_answers |
 
 exact_match: the stripped answer equals one of the stripped references. Detections and masks are
-matched within their label. A reference answer that does not parse is the data's fault: DataError
-naming its row. Boxes and masks are read in pixels of the original image, so those tasks need each
+matched within their label. A reference answer that does not parse is the data's fault:
+ReferenceAnswerError naming its row. Boxes and masks are read in pixels of the original image, so those tasks need each
 image's (width, height); masks need the mask codec that wrote the references' `<seg>` codes, and
 the ground-truth masks are the references' codes decoded by it (a perfect answer scores 1).
 """
@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .. import metrics
-from ..errors import UsageError
-from ..finetune.data import DataError
+from ..errors import PaliGemmaError, UsageError
 from ..segmentation import parse_segmentations
 from ..tasks import parse_detections
-from .data import check_task
 
+TASKS = ("caption", "vqa", "ocr", "detect", "refer", "segment")
 METRICS = {
     "caption": ("cider", "exact_match"),
     "vqa": ("vqa_accuracy", "exact_match"),
@@ -43,6 +42,16 @@ NEEDS_IMAGE_SIZE = ("detect", "refer", "segment")
 NOMINAL_SIZE = (1024, 1024)  # image size for checking a reference's grammar before the images are read
 
 
+class ReferenceAnswerError(PaliGemmaError, ValueError):
+    """A row's reference answer cannot be read as an answer of the task; the message names the row."""
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise UsageError(f"unknown evaluation task {task!r}: choose one of {', '.join(TASKS)}")
+    return task
+
+
 @dataclass
 class TaskScores:
     metrics: dict[str, float]  # METRICS[task], in that order; NaN where undefined (e.g. no true object)
@@ -51,7 +60,8 @@ class TaskScores:
 
 def check_references(task: str, references: Sequence[Sequence[str]], wheres: Sequence[str], codec=None) -> None:
     """Everything that would stop scoring, found before anything is generated: an unknown task, a
-    missing package or mask codec (UsageError), a reference answer the task cannot read (DataError)."""
+    missing package or mask codec (UsageError), a reference answer the task cannot read
+    (ReferenceAnswerError)."""
     check_task(task)
     if task == "detect" and importlib.util.find_spec("pycocotools") is None:
         raise UsageError("detect answers are scored with COCO mAP by pycocotools: pip install 'paligemma[eval]' "
@@ -140,9 +150,9 @@ def _parse(task: str, answer: str, image_size, codec, token_spans=None):
 def _reference_objects(task: str, reference: str, image_size, codec, where: str) -> list:
     result = _parse(task, reference, image_size, codec)
     if result.errors:
-        raise DataError(f"{where}: the reference is not a valid {task} answer ({result.errors[0]})")
+        raise ReferenceAnswerError(f"{where}: the reference is not a valid {task} answer ({result.errors[0]})")
     if task == "refer" and len(result.objects) != 1:
-        raise DataError(f"{where}: a refer reference holds exactly one box, got {len(result.objects)}")
+        raise ReferenceAnswerError(f"{where}: a refer reference holds exactly one box, got {len(result.objects)}")
     return result.objects
 
 

@@ -19,7 +19,7 @@ from ..checkpoint_layout import refuse_quantized
 from ..cli_common import add_model_arguments, checkpoint_dir, load
 from ..config import PaliGemmaConfig
 from ..errors import UsageError
-from ..evaluation.data import TASKS
+from ..evaluation.scoring import TASKS
 from .trainer import TrainConfig
 
 

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from ..evaluation.runner import default_max_new_tokens
+from ..evaluation.scoring import NEEDS_IMAGE_SIZE, check_references, score_answers
 from ..generation import generate_detailed
 from ..images import load_image
 from ..model import PaliGemma
@@ -18,8 +20,6 @@ from .step import autocast_context, count_targets
 def check_eval_task(dataset: Sequence[Example], task: str, codec=None) -> None:
     """Raise now, not at the first evaluation, if `task` cannot score `dataset`: an unknown task, a
     missing package or mask codec, a suffix that is not a valid answer of the task."""
-    from ..evaluation.scoring import check_references  # not at the top: see `evaluate`
-
     examples = [dataset[i] for i in range(len(dataset))]
     check_references(task, [[e.suffix] for e in examples], [e.where for e in examples], codec)
 
@@ -39,11 +39,6 @@ def evaluate(model: PaliGemma, processor, dataset: Sequence[Example], batch_size
     preprocessed once, for both the loss and the answer (and decoded once more for its size, for the
     tasks that read boxes or masks).
     """
-    # Imported here: paligemma.evaluation reads its rows with finetune.data, so importing it at the
-    # top would make the two packages import each other.
-    from ..evaluation.runner import default_max_new_tokens
-    from ..evaluation.scoring import NEEDS_IMAGE_SIZE, check_references, score_answers
-
     examples = [dataset[i] for i in range(len(dataset))]
     if not examples:
         raise DataError("the evaluation set has no examples")
