@@ -199,20 +199,25 @@ def big_vision_to_state_dict(arrays: Mapping[str, np.ndarray], config: PaliGemma
     def layer_count(key: str) -> int:
         return layers[key.split("/", 1)[0]]
 
+    def convert(key: str, ours: str, fn: Callable, part) -> torch.Tensor:
+        # One layer's slice at a time: a bfloat16 file is widened to float32 a slice, not a tensor, at a time.
+        try:
+            return _tensor(fn(_as_numeric(arrays[key][part])), dtype)
+        except (ValueError, IndexError) as err:
+            raise CheckpointError(f"{key} has shape {arrays[key].shape}, which does not give {ours} ({err})") from None
+
     state: dict[str, torch.Tensor] = {}
     for ours, key, fn in _global_rules():
-        state[ours] = _tensor(fn(_as_numeric(arrays[key])), dtype)
+        state[ours] = convert(key, ours, fn, ...)
     for ours, key, fn in _layer_rules(config):
-        stacked = _as_numeric(arrays[key])
-        _check_layers(key, stacked, layer_count(key))
+        _check_layers(key, arrays[key], layer_count(key))
         for i in range(layer_count(key)):
-            state[ours.format(i=i)] = _tensor(fn(stacked[i]), dtype)
+            state[ours.format(i=i)] = convert(key, ours, fn, i)
     for ours, key, index in _split_rules(config):
-        stacked = _as_numeric(arrays[key])
-        _check_layers(key, stacked, layer_count(key))
+        _check_layers(key, arrays[key], layer_count(key))
         fn = _t if key == _GATING else _einsum_in
         for i in range(layer_count(key)):
-            state[ours.format(i=i)] = _tensor(fn(stacked[i] if index < 0 else stacked[i, index]), dtype)
+            state[ours.format(i=i)] = convert(key, ours, fn, i if index < 0 else (i, index))
     state["language_model.embed_tokens.weight"] = _padded_embedding(_as_numeric(arrays[_EMBEDDING]), config, dtype)
     return state
 

@@ -198,6 +198,14 @@ def test_wrong_config_and_bad_files_are_refused(tmp_path, hf_checkpoints):
     np.savez(tmp_path / "missing.npz", **missing)
     with pytest.raises(CheckpointError, match=r"missing \['img/head/bias'\]"):
         load_model(tmp_path / "missing.npz", config=config)
+    squashed = dict(tree)
+    squashed["llm/layers/attn/q_einsum/w"] = tree["llm/layers/attn/q_einsum/w"][..., 0]
+    np.savez(tmp_path / "squashed.npz", **squashed)
+    with pytest.raises(CheckpointError, match=r"q_einsum/w has shape \(3, 4, 48\), which does not give"):
+        load_model(tmp_path / "squashed.npz", config=config)
+    wider = dataclasses.replace(config, vision=dataclasses.replace(config.vision, intermediate_size=128))
+    with pytest.raises(CheckpointError, match=r"fc1.weight: checkpoint \(64, 32\) vs model \(128, 32\)"):
+        load_model(tmp_path / "pg1.npz", config=wider)
     np.savez(tmp_path / "pickled.npz", a=np.array([{"x": 1}], dtype=object))
     with pytest.raises(CheckpointError, match="allow_pickle=False"):
         read_npz(tmp_path / "pickled.npz")
