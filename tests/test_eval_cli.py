@@ -100,6 +100,33 @@ def test_vqa_accuracy_from_ten_answers(shapes, tmp_path, capsys):
     assert set(scores) <= {0.0, 1.0}  # eight humans agree: a match is 1, anything else 0
 
 
+def test_ocr_anls_table(shapes, tmp_path, capsys):
+    code = main(["eval", "--data", str(shapes["caption"]), "--task", "ocr", "--limit", "2", "--no-progress",
+                 "--out", str(tmp_path / "pred.jsonl")])
+    out = capsys.readouterr().out
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    expected = metrics.anls([r["prediction"] for r in records], [r["references"] for r in records])
+    assert f"| anls | {expected:.4f} |" in out and "| ocr metric (2 rows) | score |" in out
+    assert "2 rows in" in out and str(tmp_path / "pred.jsonl") in out
+
+
+def test_score_answers_without_a_model():
+    from paligemma.evaluation import score_answers
+
+    scores = score_answers("ocr", ["OPEN 24 HOURS", "0pen"], [["open 24 hours"], ["open", "closed"]])
+    assert scores.metrics == pytest.approx({"anls": (1.0 + 0.75) / 2, "exact_match": 0.0})
+    assert [r["exact_match"] for r in score_answers("vqa", ["yes "], [["yes"] * 10]).per_example] == [True]
+    box = "<loc0000><loc0000><loc0511><loc0511> cat"
+    refer = score_answers("refer", [box + " ; " + box, ""], [[box], [box]], image_sizes=[(100, 50)] * 2)
+    assert refer.metrics == {"box_accuracy": 0.5, "malformed_answers": 0}
+    assert refer.per_example[1] == {"box": None, "iou": 0.0, "errors": []}
+    with pytest.raises(UsageError, match="needs each image's"):
+        score_answers("detect", [box], [[box]])
+    with pytest.raises(UsageError, match="unknown evaluation task"):
+        score_answers("count", ["1"], [["1"]])
+
+
 def test_detect_map_from_the_answers(shapes, tmp_path, capsys):
     summary, records = _evaluate(capsys, shapes["detect"], "detect", tmp_path / "pred.jsonl")
     # Each box carries the probability the model wrote it with: the score COCO's ranking uses.
