@@ -113,7 +113,10 @@ def write_new_file(path: Path, text: str) -> None:
     create-if-absent on POSIX) and removed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before it has the final name
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -12,9 +12,10 @@ scored by `paligemma.metrics`. The one place `paligemma eval` and fine-tuning's 
 
 exact_match: the stripped answer equals one of the stripped references. Detections and masks are
 matched within their label. A reference answer that does not parse is the data's fault:
-ReferenceAnswerError naming its row. Boxes and masks are read in pixels of the original image, so those tasks need each
-image's (width, height); masks need the mask codec that wrote the references' `<seg>` codes, and
-the ground-truth masks are the references' codes decoded by it (a perfect answer scores 1).
+ReferenceAnswerError naming its row. Boxes and masks are read in pixels of the original image, so
+those tasks need each image's (width, height); masks need the mask codec that wrote the references'
+`<seg>` codes, and the ground-truth masks are the references' codes decoded by it (a perfect answer
+scores 1).
 """
 
 from __future__ import annotations
