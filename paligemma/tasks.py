@@ -24,8 +24,9 @@ temperature, top-k, top-p and any constraint), so a greedy, unconstrained answer
 own confidence. `filter_detections` thresholds on it and runs per-label non-maximum suppression.
 
 This module is the one home of the answer grammar: the token-level helpers (`TOKEN_RE`,
-`split_objects`, `leading_tokens`, `parse_loc_box`, `encode_box`, `check_label`, `check_image_size`)
-are what `segmentation.py` builds the `segment` answer format (4 loc tokens, 16 seg tokens, label) on.
+`object_spans`, `leading_tokens`, `parse_loc_box`, `encode_box`, `check_label`, `check_image_size`,
+`span_score`) are what `segmentation.py` builds the `segment` answer format (4 loc tokens, 16 seg
+tokens, label) on, and `constrained.py` turns into a state machine over token ids.
 """
 
 from __future__ import annotations
