@@ -46,9 +46,11 @@ model class: `load_npz_weights` fills a model built by loading.py, as checkpoint
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping
@@ -185,7 +187,6 @@ def big_vision_to_state_dict(arrays: Mapping[str, np.ndarray], config: PaliGemma
     Strict: a missing, unexpected or misshapen key raises CheckpointError naming them. dtype=None keeps
     the file's dtype (the one most of its values are stored in), but float16 becomes float32 with a warning.
     """
-    arrays = dict(arrays)
     _check_keys(arrays, config)
     if dtype is None:
         dtype = _majority_dtype(arrays)
@@ -195,29 +196,27 @@ def big_vision_to_state_dict(arrays: Mapping[str, np.ndarray], config: PaliGemma
                           "torch.bfloat16 for half the memory)", stacklevel=3)
             dtype = torch.float32
     layers = {"img": config.vision.num_hidden_layers, "llm": config.text.num_hidden_layers}
-
-    def layer_count(key: str) -> int:
-        return layers[key.split("/", 1)[0]]
-
-    def convert(key: str, ours: str, fn: Callable, part) -> torch.Tensor:
-        # One layer's slice at a time: a bfloat16 file is widened to float32 a slice, not a tensor, at a time.
-        try:
-            return _tensor(fn(_as_numeric(arrays[key][part])), dtype)
-        except (ValueError, IndexError) as err:
-            raise CheckpointError(f"{key} has shape {arrays[key].shape}, which does not give {ours} ({err})") from None
-
-    state: dict[str, torch.Tensor] = {}
+    # big_vision key -> [(our name, transform, which part of the array)]: each key is read once.
+    jobs: dict[str, list[tuple[str, Callable, object]]] = {}
     for ours, key, fn in _global_rules():
-        state[ours] = convert(key, ours, fn, ...)
+        jobs.setdefault(key, []).append((ours, fn, ...))
     for ours, key, fn in _layer_rules(config):
-        _check_layers(key, arrays[key], layer_count(key))
-        for i in range(layer_count(key)):
-            state[ours.format(i=i)] = convert(key, ours, fn, i)
+        jobs.setdefault(key, []).extend((ours.format(i=i), fn, i) for i in range(layers[key[:3]]))
     for ours, key, index in _split_rules(config):
-        _check_layers(key, arrays[key], layer_count(key))
         fn = _t if key == _GATING else _einsum_in
-        for i in range(layer_count(key)):
-            state[ours.format(i=i)] = convert(key, ours, fn, i if index < 0 else (i, index))
+        jobs.setdefault(key, []).extend((ours.format(i=i), fn, i if index < 0 else (i, index))
+                                        for i in range(layers[key[:3]]))
+    state: dict[str, torch.Tensor] = {}
+    for key, tensors in jobs.items():
+        array = arrays[key]
+        if tensors[0][2] is not ...:
+            _check_layers(key, array, layers[key[:3]])
+        for ours, fn, part in tensors:
+            try:  # one layer's slice at a time: a bfloat16 file is widened a slice, not a tensor, at a time
+                state[ours] = _tensor(fn(_as_numeric(array[part])), dtype)
+            except (ValueError, IndexError) as err:
+                raise CheckpointError(f"{key} has shape {array.shape}, which does not give {ours} ({err})") from None
+        del array  # the next key's array replaces it: memory stays near one copy of the weights
     state["language_model.embed_tokens.weight"] = _padded_embedding(_as_numeric(arrays[_EMBEDDING]), config, dtype)
     return state
 
@@ -307,18 +306,65 @@ def _to_big_vision(key: str, weight: torch.Tensor, config: PaliGemmaConfig) -> n
 
 # ---------------------------------------------------------------------- files
 
+class NpzArrays(Mapping):
+    """A big_vision `.npz` as key -> array in the scanned layout ("params/" dropped, per-layer subtrees
+    such as `encoderblock_3/...` or `llm/layers/3/...` stacked), each array read from the file when
+    asked and not kept, so a conversion that takes one key at a time holds one array at a time.
+    Only `np.load(allow_pickle=False)`: an object array is refused, never unpickled."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"big_vision checkpoint {self.path} does not exist")
+        try:
+            self._npz = np.load(self.path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise CheckpointError(f"{self.path} is not a readable .npz checkpoint ({err})") from None
+        if not isinstance(self._npz, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{self.path} holds one array, not a big_vision params tree (.npz)")
+        self._members = _members(self._npz.files)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        names, stacked = self._members[key]
+        try:
+            arrays = [self._npz[name] for name in names]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # pickled objects, truncation
+            raise CheckpointError(f"{self.path}: {names[0]} is not readable ({err}); big_vision checkpoints are "
+                                  "read with allow_pickle=False") from None
+        return np.stack(arrays) if stacked else arrays[0]
+
+    def __iter__(self):
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def dtype_sizes(self) -> list[tuple[np.dtype, int]]:
+        """(dtype, element count) of every stored array, from the .npy headers (nothing is read)."""
+        out = []
+        for name in self._npz.files:
+            with self._npz.zip.open(name + ".npy") as f:
+                version = np.lib.format.read_magic(f)
+                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = reader(f)
+            out.append((dtype, math.prod(shape)))
+        return out
+
+    def close(self) -> None:
+        self._npz.close()
+
+    def __enter__(self) -> "NpzArrays":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of a big_vision `.npz` by key ("params/" prefix dropped); scanned layout (layers stacked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"big_vision checkpoint {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key.removeprefix("params/"): npz[key] for key in npz.files}
-    except (ValueError, OSError, EOFError) as err:  # not a zip, truncated, or pickled object arrays
-        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({err}); big_vision files are "
-                              "read with allow_pickle=False") from None
-    return stack_unscanned(arrays)
+    """Every array of a big_vision `.npz`, read at once (`NpzArrays` reads them one by one)."""
+    with NpzArrays(path) as arrays:
+        return {key: arrays[key] for key in arrays}
 
 
 def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -342,22 +388,23 @@ _UNSCANNED = [(re.compile(r"^img/Transformer/encoderblock_(\d+)/(.+)$"), "img/Tr
               (re.compile(r"^llm/layers/(\d+)/(.+)$"), "llm/layers/")]
 
 
-def stack_unscanned(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-layer keys (`encoderblock_3/...`, `llm/layers/3/...`) stacked into big_vision's scanned keys."""
-    out, groups = {}, {}
-    for key, value in arrays.items():
+def _members(files: list[str]) -> dict[str, tuple[list[str], bool]]:
+    """Scanned key -> (the .npz members holding it, whether they are per-layer members to stack)."""
+    members, groups = {}, {}
+    for name in files:
+        key = name.removeprefix("params/")
         for pattern, prefix in _UNSCANNED:
             if match := pattern.match(key):
-                groups.setdefault(prefix + match.group(2), {})[int(match.group(1))] = value
+                groups.setdefault(prefix + match.group(2), {})[int(match.group(1))] = name
                 break
         else:
-            out[key] = value
+            members[key] = ([name], False)
     for key, layers in groups.items():
-        if key in out or sorted(layers) != list(range(len(layers))):
+        if key in members or sorted(layers) != list(range(len(layers))):
             raise CheckpointError(f"{key}: per-layer tensors for layers {sorted(layers)}, expected 0..N-1 "
                                   "and no scanned tensor of the same name")
-        out[key] = np.stack([layers[i] for i in range(len(layers))])
-    return out
+        members[key] = ([layers[i] for i in range(len(layers))], True)
+    return members
 
 
 def load_npz_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -365,7 +412,8 @@ def load_npz_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dty
     """Fill `model` (a PaliGemma built on the meta device from the checkpoint's config) from a big_vision .npz."""
     if not model.config.tie_word_embeddings:
         raise CheckpointError("big_vision's PaliGemma ties the LM head to the embedding; use a tied config")
-    state = big_vision_to_state_dict(read_npz(path), model.config, dtype)
+    with NpzArrays(path) as arrays:
+        state = big_vision_to_state_dict(arrays, model.config, dtype)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     misshapen = [f"{name}: checkpoint {tuple(state[name].shape)} vs model {shape}"
                  for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]
@@ -411,7 +459,8 @@ def _as_numeric(a: np.ndarray) -> np.ndarray:
 
 
 def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    # A copy: a view would keep the whole stacked array it slices alive.
+    return torch.from_numpy(np.array(a, order="C", copy=True)).to(dtype)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -424,8 +473,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 def _majority_dtype(arrays: Mapping[str, np.ndarray]) -> torch.dtype:
     counts = Counter()
-    for a in arrays.values():
-        counts[a.dtype] += a.size
+    sizes = arrays.dtype_sizes() if isinstance(arrays, NpzArrays) else [(a.dtype, a.size) for a in arrays.values()]
+    for dtype, size in sizes:
+        counts[dtype] += size
     name = counts.most_common(1)[0][0]
     return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
             _VOID_BF16: torch.bfloat16}.get(name, torch.float32)

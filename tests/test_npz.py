@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 from tiny_models import TINY_CONFIGS, random_batch, write_hf_checkpoint
 
 from paligemma import CheckpointError, UsageError, load_model
-from paligemma.bigvision_npz import BIG_VISION_VOCAB, npz_config, read_npz, save_npz
+from paligemma.bigvision_npz import BIG_VISION_VOCAB, NpzArrays, expected_keys, npz_config, read_npz, save_npz
 from paligemma.cli import main as cli_main
 from paligemma.config import PaliGemmaConfig
 
@@ -133,6 +134,16 @@ def test_bfloat16_unscanned_and_prefixed_files_read_the_same(tmp_path, hf_checkp
     expected = load_model(directory, dtype=torch.bfloat16).state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_each_array_is_read_once(tmp_path, hf_checkpoints, monkeypatch):
+    """Loading reads the file key by key, once each, so memory holds the model and one array."""
+    config, _, reference = hf_checkpoints["gemma2-mha-32px"]
+    np.savez(tmp_path / "model.npz", **_big_vision_tree(reference.state_dict(), config))
+    reads, read = Counter(), NpzArrays.__getitem__
+    monkeypatch.setattr(NpzArrays, "__getitem__", lambda self, key: reads.update([key]) or read(self, key))
+    load_model(tmp_path / "model.npz", config=config)
+    assert sorted(reads) == sorted(expected_keys(config)) and set(reads.values()) == {1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
