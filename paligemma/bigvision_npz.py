@@ -333,6 +333,9 @@ class NpzArrays(Mapping):
                                   "read with allow_pickle=False") from None
         return np.stack(arrays) if stacked else arrays[0]
 
+    def __contains__(self, key) -> bool:  # Mapping's would read the array
+        return key in self._members
+
     def __iter__(self):
         return iter(self._members)
 
