@@ -60,3 +60,33 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
         self.is_prefix = self.is_prefix.index_select(0, rows)
         self.batch_size = rows.shape[0]
+
+    def take_rows(self, parts: list[tuple["KVCache", torch.Tensor]], length: int) -> None:
+        """Fill this empty cache with rows of other caches, right-aligned on slot `length` - 1.
+
+        `parts` are (source cache, its rows (R,)), stacked in that order; every source row's filled
+        slots keep their order and end at slot `length` - 1, so rows from caches of different
+        lengths share the next write slot. Continuous batching (server/running_batch.py) joins a
+        row prefilled alone to a running batch, or drops finished rows, this way. A row's slots stay
+        contiguous, so slot distances (the causal and sliding-window masks) are unchanged; RoPE
+        positions are per row and were applied before caching.
+        """
+        if self.length:
+            raise ValueError("take_rows needs an empty KV cache")
+        if length > self.max_len or sum(rows.shape[0] for _, rows in parts) != self.batch_size:
+            raise ValueError(f"{self.batch_size} rows of at most {self.max_len} slots cannot hold these parts")
+        first = 0
+        for source, rows in parts:
+            rows = rows.to(self.valid.device)
+            width = min(source.length, length)  # the source's last `width` slots move; nothing valid may be before
+            if bool(source.valid.index_select(0, rows)[:, :source.length - width].any()):
+                raise ValueError(f"a row fills more than {length} slots: it cannot end at slot {length - 1}")
+            src, dst = slice(source.length - width, source.length), slice(length - width, length)
+            end = first + len(rows)
+            for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
+                for layer, tensor in enumerate(theirs):
+                    mine[layer][first:end, :, dst] = tensor[:, :, src].index_select(0, rows)
+            self.valid[first:end, dst] = source.valid[:, src].index_select(0, rows)
+            self.is_prefix[first:end, dst] = source.is_prefix[:, src].index_select(0, rows)
+            first = end
+        self.length = length

@@ -1,6 +1,7 @@
 """The FastAPI application: OpenAI-compatible chat completions over a `BatchEngine`, and the web page.
 
-Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats, GET / (web page).
+Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus),
+GET / (web page).
 Every error is answered as `{"error": {"message", "type", "param", "code"}}`. Request handlers
 only parse, fetch and decode (in worker threads); the model is touched by the engine's thread alone.
 
@@ -40,11 +41,13 @@ from ..segmentation import parse_segmentations
 from ..tasks import parse_detections, prompt_task
 from .batcher import BatchEngine, ImageData, Job, QueueFullError
 from .image_sources import FetchLimits, ImageSourceError, read_image_url
+from .metrics import ServerMetrics
 from .schemas import APIError, ChatRequest, RequestLimits, parse_chat_request
 
 log = logging.getLogger("paligemma.server")
 STATIC_DIR = Path(__file__).parent / "static"
 _FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
+CHAT_PATH = "/v1/chat/completions"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 RETRY_AFTER_S = "1"
 # After a decode this large, freed memory is handed back to the OS: Pillow's 16 MB pixel blocks
@@ -57,6 +60,7 @@ _TRIM_AFTER_PIXELS = 4_000_000
 class ServerSettings:
     model_name: str = "paligemma"
     api_key: str | None = None
+    metrics_key: str | None = None  # protects /metrics instead of api_key when set
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 25_000_000
     decode_concurrency: int = 1  # full-size images decoded at the same time, server-wide
@@ -77,22 +81,31 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
         await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="PaliGemma", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServerMetrics(engine)
     if settings.allowed_hosts is not None:
-        app.add_middleware(_TrustedHosts, allowed=settings.allowed_hosts)
-    app.state.engine, app.state.settings = engine, settings
+        app.add_middleware(_TrustedHosts, allowed=settings.allowed_hosts, metrics=metrics)
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     created = int(time.time())
     counters = {"upload_disconnects": 0}
     admission = _Admission(engine)
     resizer = dataclasses.replace(engine.processor.image_processor, max_pixels=settings.max_image_pixels)
     decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
 
+    def count(request: Request, status: int, reason: str | None) -> None:
+        if request.url.path == CHAT_PATH:
+            metrics.answered(status)
+        if 400 <= status < 500 and status != 499 and reason:  # 499: the client left, nothing was refused
+            metrics.refused(reason)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
+        count(request, err.status, err.code or err.type)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        count(request, err.status_code, code)
         return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code,
                             headers=err.headers)  # 405 carries Allow
 
@@ -100,11 +113,13 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
     async def upload_abandoned(request: Request, err: ClientDisconnect):
         # The client left mid-upload: nothing to answer and nothing wrong with the server.
         counters["upload_disconnects"] += 1
+        count(request, 499, None)
         return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
         log.exception("unexpected error")
+        count(request, 500, None)
         return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
@@ -120,14 +135,20 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
         _check_api_key(request, settings)
         return {**engine.stats(), **counters}
 
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request):
+        _check_api_key(request, settings, settings.metrics_key or settings.api_key)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     @app.get("/v1/models")
     async def models(request: Request):
         _check_api_key(request, settings)
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
                                             "owned_by": "paligemma"}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat_completions(request: Request):
+        arrived = time.monotonic()
         _check_api_key(request, settings)
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type != "application/json":  # a page's "simple" cross-site POST cannot send this type
@@ -138,23 +159,29 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
             max_tokens = await run_in_threadpool(_max_tokens, chat, engine, len(chat.image_urls), settings.request)
             images = await run_in_threadpool(_load_images, chat.image_urls, settings.fetch, resizer, decode_slots)
             chat.image_urls = []  # the encoded images (up to the body size) are not kept while queued
-            completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name, mask_codec)
+            completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name, mask_codec,
+                                     metrics, arrived)
             completion.submit()
         if chat.stream:
+            metrics.answered(200)
             # The background task also cancels a job whose client left before the stream began.
             return StreamingResponse(completion.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(completion.job.cancel))
-        return JSONResponse(await completion.whole())
+        response = JSONResponse(await completion.whole())
+        metrics.answered(200)
+        return response
 
     return app
 
 
-def _check_api_key(request: Request, settings: ServerSettings) -> None:
-    if settings.api_key is None:
+def _check_api_key(request: Request, settings: ServerSettings, key: str | None = None) -> None:
+    """401 unless the request carries `key` (default: the API key) as a Bearer token; no key, no check."""
+    key = settings.api_key if key is None else key
+    if key is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
@@ -245,9 +272,11 @@ class _Completion:
     """One request in flight: its job in the engine, and the response built from the job's events."""
 
     def __init__(self, request: Request, engine: BatchEngine, chat: ChatRequest, images: list[ImageData],
-                 max_tokens: int, model_name: str, mask_codec=None):
+                 max_tokens: int, model_name: str, mask_codec=None, metrics: ServerMetrics | None = None,
+                 arrived: float | None = None):
         self.request, self.engine, self.chat, self.images = request, engine, chat, images
         self.model_name, self.mask_codec = model_name, mask_codec
+        self.metrics, self.arrived = metrics, time.monotonic() if arrived is None else arrived
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.events: asyncio.Queue[StreamEvent | Exception] = asyncio.Queue()
@@ -273,6 +302,9 @@ class _Completion:
         if isinstance(item, Exception):
             log.error("generation failed: %r", item)
             raise APIError(500, "generation failed on the server", type="server_error")
+        if item.result is not None and self.metrics is not None:
+            job = self.job
+            self.metrics.finished(self.arrived, job.first_token_at, job.finished_at, len(item.result.token_ids))
         return item
 
     async def whole(self) -> dict:
@@ -376,11 +408,12 @@ class _Admission:
 class _TrustedHosts:
     """ASGI middleware answering 400 to a request whose Host header is not an allowed name (any port)."""
 
-    def __init__(self, app, allowed: tuple[str, ...]):
-        self.app, self.allowed = app, {name.lower().strip("[]") for name in allowed}
+    def __init__(self, app, allowed: tuple[str, ...], metrics: ServerMetrics):
+        self.app, self.allowed, self.metrics = app, {name.lower().strip("[]") for name in allowed}, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and _host_name(Headers(scope=scope).get("host", "")) not in self.allowed:
+            self.metrics.refused("invalid_host")
             error = APIError(400, f"Host header not allowed: this server answers {sorted(self.allowed)} "
                              "(paligemma serve --allowed-hosts)", code="invalid_host")
             await JSONResponse(error.body(), status_code=400)(scope, receive, send)

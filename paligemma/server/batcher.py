@@ -1,16 +1,29 @@
-"""The batching engine: one worker thread owns the model and runs requests in batches.
+"""The batching engine: one worker thread owns the model and schedules requests step by step.
 
-Requests queue up while a batch runs and the worker takes the next batch from the queue when it
-is done (static batching: a running batch is never joined), oldest first, so nothing starves.
-Every setting (max_tokens, temperature, top_p, top_k, stop strings, seed) is per row, so any
-requests can share a batch and a request's answer is the same in a batch as alone: greedy always,
-sampled when it has a seed.
+Continuous batching, as vLLM and TGI schedule: the worker loops over
+
+    admit   the oldest waiting request, if the running batch has room (--max-batch-size) and the
+            cache can hold it: its images are encoded and its prompt prefilled alone, as one step,
+            and its KV cache rows join the running batch (`running_batch.py`);
+    step    one token for every running row; a row that is done (eos, stop string, max_tokens) or
+            whose client went away leaves at once, and its slot is free for the next request.
+
+So a request that arrives while others decode starts at the next step instead of waiting for the
+whole batch, and a short answer never waits for a long one. At most one prefill runs between two
+decode steps: a running row's next token is delayed by at most one request's image encode and
+prefill (docs/server.md, "Batching", has the measured figures). The prefix attends to itself in
+both directions, so a prefill cannot be split into chunks without changing the answer.
+
+Requests are admitted oldest first (a request that does not fit the cache yet holds the ones behind
+it, so nothing starves). Every setting (max_tokens, temperature, top_p, top_k, stop strings, seed)
+is per row, so any requests share a batch, and a request's answer is the same in a batch as alone:
+greedy always, sampled when it has a seed.
 
 Images are encoded through an LRU cache keyed by the sha256 of their bytes, one image at a time,
 so an image's features never depend on its batch-mates and a repeated image is encoded once.
 
-A job whose client went away is `cancel()`led: dropped if still queued; in a running batch its
-events are no longer delivered, and the batch stops as soon as every one of its rows is cancelled.
+A job whose client went away is `cancel()`led: dropped if still queued, and out of the running
+batch before its next step; its events are never delivered after the cancel.
 """
 
 from __future__ import annotations
@@ -26,9 +39,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..generation import StreamEvent, stream_generate
+from ..generation import StreamEvent, _alternatives, _Row
 from ..model import PaliGemma
 from ..processor import Processor
+from ..sampling import SamplingParams
+from .running_batch import RunningBatch
 
 log = logging.getLogger("paligemma.server")
 
@@ -65,7 +80,12 @@ class Job:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # time.monotonic() seconds, set by the engine: queued, first token sampled, last token sampled.
+    submitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -110,6 +130,7 @@ class BatchEngine:
         self.model, self.processor = model, processor
         self.max_batch_size, self.batch_window_s, self.max_queue = max_batch_size, batch_window_s, max_queue
         self.cache = ImageFeatureCache(model, processor, image_cache_size)
+        self.batch = RunningBatch(model)
         self.queue: collections.deque[Job] = collections.deque()
         self.condition = threading.Condition()
         self.counters = collections.Counter()
@@ -125,10 +146,12 @@ class BatchEngine:
         return len(self.processor.encode_prefix(prompt, num_images))
 
     def stats(self) -> dict:
-        """Counters (requests, batches, max_batch_size, rows_cancelled, ...) and the cache's hits and misses."""
+        """Counters (requests, prefills, decode_steps, rows_decoded, max_batch_size, tokens, rows_cancelled,
+        ...), the queue and running batch sizes, and the image cache's hits and misses."""
         with self.condition:
-            return {**self.counters, "queued": len(self.queue), "image_cache_hits": self.cache.hits,
-                    "image_cache_misses": self.cache.misses, "image_cache_entries": len(self.cache.entries)}
+            return {**self.counters, "queued": len(self.queue), "running": len(self.batch),
+                    "image_cache_hits": self.cache.hits, "image_cache_misses": self.cache.misses,
+                    "image_cache_entries": len(self.cache.entries)}
 
     def start(self) -> "BatchEngine":
         with self.condition:
@@ -139,7 +162,7 @@ class BatchEngine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running batch, fail queued jobs, and end the worker."""
+        """Fail queued jobs, let the worker finish its current step and fail the running rows, end the worker."""
         with self.condition:
             self.running = False
             pending, self.queue = list(self.queue), collections.deque()
@@ -157,6 +180,7 @@ class BatchEngine:
                 raise RuntimeError("the batching engine is not running")
             if len(self.queue) >= self.max_queue:
                 raise QueueFullError(f"{len(self.queue)} requests are already waiting")
+            job.submitted_at = time.monotonic()
             self.queue.append(job)
             self.counters["requests"] += 1
             self.condition.notify()
@@ -164,64 +188,120 @@ class BatchEngine:
     # ------------------------------------------------------------------ worker thread
 
     def _worker(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            except Exception as err:  # a bug or a model failure: fail this batch, keep serving
-                log.exception("batch of %d failed", len(batch))
-                self.counters["failed_batches"] += 1
-                for job in batch:
-                    job.deliver(err)
+        while self._wait_for_work():
+            job = self._next_job()
+            if job is not None:
+                self._admit(job)
+            if len(self.batch):
+                self._step()
+        for row in self.batch.clear():
+            row.job.deliver(RuntimeError("the server is shutting down"))
 
-    def _next_batch(self) -> list[Job] | None:
+    def _wait_for_work(self) -> bool:
+        """Block while there is nothing to do; False once the engine stops. An idle engine waits
+        `batch_window_s` after a request arrives, so that requests sent together start together."""
         with self.condition:
-            while self.running and not self.queue:
+            idle = not len(self.batch)
+            while self.running and not self.queue and not len(self.batch):
                 self.condition.wait()
             if not self.running:
-                return None
-        if self.batch_window_s:
-            time.sleep(self.batch_window_s)  # let requests sent at the same moment arrive
-        with self.condition:
-            self.counters["rows_cancelled"] += sum(job.cancelled.is_set() for job in self.queue)
-            live = [job for job in self.queue if not job.cancelled.is_set()]
-            if not live:
-                self.queue.clear()
-                return []
-            batch = live[:self.max_batch_size]  # any requests can share a batch: settings are per row
-            chosen = set(map(id, batch))
-            self.queue = collections.deque(job for job in live if id(job) not in chosen)
-        return batch
+                return False
+        if idle and self.batch_window_s:
+            time.sleep(self.batch_window_s)
+        return True
 
-    def _run(self, batch: list[Job]) -> None:
-        if not batch:
-            return
-        self.counters["batches"] += 1
-        self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(batch))
-        features = self.cache.features([image for job in batch for image in job.images])
-        events = stream_generate(
-            self.model, self.processor, [[image.rgb for image in job.images] for job in batch],
-            [job.prompt for job in batch], max_new_tokens=[job.max_tokens for job in batch],
-            temperature=[job.temperature for job in batch], top_p=[job.top_p for job in batch],
-            top_k=[job.top_k for job in batch], seed=[job.seed for job in batch], stop=[job.stop for job in batch],
-            image_features=features)
-        answered = set()
+    def _next_job(self) -> Job | None:
+        """The oldest live waiting job, if the running batch has a free row and room in its cache for it."""
+        with self.condition:
+            while self.queue and self.queue[0].cancelled.is_set():
+                self.queue.popleft()
+                self.counters["rows_cancelled"] += 1
+            if not self.queue or len(self.batch) >= self.max_batch_size:
+                return None
+            job = self.queue[0]
+            if len(self.batch) and not self.batch.fits(self.prompt_tokens(job.prompt, len(job.images)), job.max_tokens):
+                return None  # it waits for rows to finish; the jobs behind it wait too (first come, first served)
+            return self.queue.popleft()
+
+    def _admit(self, job: Job) -> None:
+        """Encode the job's images and prefill its prompt (one step), and join it to the running batch."""
         try:
-            for event in events:
-                job = batch[event.index]
-                if not job.cancelled.is_set():
-                    if event.result is not None:
-                        answered.add(event.index)
-                        self.counters["completion_tokens"] += len(event.result.token_ids)
-                    job.deliver(event)
-                # Rows answered or abandoned need nothing more: stop when no row is left to serve.
-                left = [job for i, job in enumerate(batch) if i not in answered]
-                if left and all(job.cancelled.is_set() for job in left):
-                    self.counters["batches_stopped_early"] += 1
+            start = time.perf_counter()
+            features = self.cache.features(job.images)
+            encoded = time.perf_counter()
+            inputs = self.processor(images=[[image.rgb for image in job.images]], prompts=[job.prompt],
+                                    with_pixels=False)
+            if int(inputs["attention_mask"].sum()) + job.max_tokens > self.context_length:
+                raise ValueError(f"prompt + max_tokens {job.max_tokens} exceed the context of {self.context_length}")
+            row = _LiveRow(job, _Row(self.processor.tokenizer, job.stop, job.max_tokens, job.top_logprobs),
+                           int(inputs["attention_mask"].sum()), {"encode_images": encoded - start, "decode": 0.0})
+            row.timings["prefill"] = self.batch.add(
+                row, inputs["input_ids"], inputs["attention_mask"], features,
+                SamplingParams(job.temperature, job.top_p, job.top_k), job.seed, job.max_tokens, job.top_logprobs)
+        except Exception as err:  # a bad request or a model failure: fail this job, keep serving the others
+            log.exception("prefill failed")
+            self.counters["failed_prefills"] += 1
+            job.deliver(err)
+            return
+        self.counters["prefills"] += 1
+        self.counters["prompt_tokens"] += row.prompt_tokens
+        self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(self.batch))
+
+    def _step(self) -> None:
+        """One token for every running row: deliver it, let done and cancelled rows leave, decode the rest."""
+        try:
+            cancelled = [i for i, row in enumerate(self.batch.rows) if row.job.cancelled.is_set()]
+            if cancelled:
+                self.counters["rows_cancelled"] += len(cancelled)
+                self.batch.remove(cancelled)
+                if not len(self.batch):
                     return
-        finally:
-            events.close()
-            self.counters["rows_cancelled"] += sum(job.cancelled.is_set() for i, job in enumerate(batch)
-                                                   if i not in answered)
+            start = time.perf_counter()
+            choice = self.batch.sample()
+            keep = [self._take(row, choice, r) for r, row in enumerate(self.batch.rows)]
+            self.batch.advance(choice.tokens, keep)
+        except Exception as err:  # a model failure: fail the running rows, keep serving
+            log.exception("decode step failed")
+            self.counters["failed_steps"] += 1
+            for row in self.batch.clear():
+                row.job.deliver(err)
+            return
+        seconds = time.perf_counter() - start
+        for row in self.batch.rows:
+            row.timings["decode"] += seconds
+        if len(self.batch):  # the rows that stay were decoded together
+            self.counters["decode_steps"] += 1
+            self.counters["rows_decoded"] += len(self.batch)
+
+    def _take(self, row: "_LiveRow", choice, r: int) -> bool:
+        """Give row `r` its sampled token and deliver what it wrote; False when the row is done."""
+        job, now = row.job, time.monotonic()
+        top = _alternatives(choice, r, row.text.top_logprobs)
+        delta = row.text.add(int(choice.tokens[r]), float(choice.logprobs[r]), top)
+        self.counters["generated_tokens"] += 1
+        if job.first_token_at is None:
+            job.first_token_at = now
+        if row.text.finish_reason is None:
+            if delta and not job.cancelled.is_set():
+                job.deliver(StreamEvent(0, delta))
+            return True
+        job.finished_at = now
+        if not job.cancelled.is_set():
+            self.counters["completion_tokens"] += len(row.text.token_ids)
+            self.counters["rows_finished"] += 1
+            result = row.text.result(row.prompt_tokens, dict(row.timings, queued=row.queued))
+            job.deliver(StreamEvent(0, delta, row.text.finish_reason, result))
+        return False
+
+
+@dataclass
+class _LiveRow:
+    """A job in the running batch: its text so far (detokenized, stop strings) and its timings."""
+
+    job: Job
+    text: _Row
+    prompt_tokens: int
+    timings: dict
+
+    def __post_init__(self):
+        self.queued = time.monotonic() - (self.job.submitted_at or time.monotonic())  # seconds it waited

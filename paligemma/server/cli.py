@@ -3,8 +3,8 @@
     paligemma serve                                   # the bundled demo model on 127.0.0.1:8000
     paligemma serve --model DIR --port 8080 --api-key "$KEY" --max-batch-size 8
 
-FastAPI and uvicorn are optional dependencies (`pip install "paligemma[serve]"`), imported only
-when the server is run, so the rest of the command line works without them.
+FastAPI, uvicorn and prometheus-client are optional dependencies (`pip install "paligemma[serve]"`),
+imported only when the server is run, so the rest of the command line works without them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..cli_common import add_mask_codec_argument, add_model_arguments, checkpoin
 from ..errors import UsageError
 
 API_KEY_ENV = "PALIGEMMA_API_KEY"
+METRICS_KEY_ENV = "PALIGEMMA_METRICS_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV} "
                         "if set, else no key)")
+    parser.add_argument("--metrics-key", help="require 'Authorization: Bearer KEY' on /metrics instead of the API key, "
+                        f"so a scraper needs no API key (default: ${METRICS_KEY_ENV} if set, else the API key)")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs (public addresses only); default: data: URIs only")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="rows in the running decode batch; new requests join it between steps (default 8)")
     parser.add_argument("--batch-window-ms", type=float, default=5.0,
-                        help="wait this long after a request arrives for others to batch with it (default 5)")
+                        help="when idle, wait this long after a request arrives for others to start with it "
+                        "(default 5)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 "
                         "(default 64)")
     parser.add_argument("--max-tokens-cap", type=int, default=256,
@@ -76,13 +81,15 @@ def run(args: argparse.Namespace) -> int:
 
         from .app import LOOPBACK_HOSTS, ServerSettings, create_app
     except ImportError as err:
-        raise UsageError(f"paligemma serve needs FastAPI and uvicorn ({err}): pip install 'paligemma[serve]'") from None
+        raise UsageError(f"paligemma serve needs FastAPI, uvicorn and prometheus-client ({err}): "
+                         "pip install 'paligemma[serve]'") from None
     allowed_hosts = _allowed_hosts(args.allowed_hosts, args.host, LOOPBACK_HOSTS)
     from .batcher import BatchEngine
     from .image_sources import FetchLimits
     from .schemas import RequestLimits
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    metrics_key = args.metrics_key or os.environ.get(METRICS_KEY_ENV) or None
     if not api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -96,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                          max_queue=args.max_queue)
     mib = 1024 * 1024
     settings = ServerSettings(
-        model_name=args.model_name or directory.name, api_key=api_key, max_body_bytes=int(args.max_body_mb * mib),
+        model_name=args.model_name or directory.name, api_key=api_key, metrics_key=metrics_key,
+        max_body_bytes=int(args.max_body_mb * mib),
         max_image_pixels=args.max_image_pixels, decode_concurrency=args.decode_concurrency, allowed_hosts=allowed_hosts,
         request=RequestLimits(max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
                               max_prompt_chars=args.max_prompt_chars),

@@ -1,0 +1,125 @@
+"""The running decode batch of continuous batching: rows join after their own prefill and leave when done.
+
+Tensor-level and single-threaded (the engine's worker thread drives it; no tokenizer):
+
+    batch.add(row, input_ids, attention_mask, features, params, seed, max_new_tokens)  # prefill alone, join
+    choice = batch.sample()                     # the next token of every row, each from its own generator
+    batch.advance(tokens, keep)                 # rows not kept leave; the others decode one token
+
+Every row shares one KV cache, right-aligned: all rows write their next token at the same slot
+(`KVCache.take_rows`). A joining row is prefilled alone in a cache of its own, exactly as
+`generate` prefills it, then moved in; when rows leave, the cache is rebuilt from the rows that stay,
+so its length is always the longest row's, not the batch's history. Rebuilding copies the cache
+(rows x slots x layers), which costs little next to a prefill or a decode step.
+
+A row's RoPE positions are its own (its real tokens counted from 1), so padding never shifts them,
+and its sampling settings and `torch.Generator` are its own, so its tokens are the ones it gets alone.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kv_cache import KVCache
+from ..model import PaliGemma
+from ..sampling import Choice, SamplingParams, choose_next, make_generators
+
+
+class RunningBatch:
+    def __init__(self, model: PaliGemma):
+        self.model = model
+        self.rows: list = []  # the caller's row objects, in cache order
+        self.params: list[SamplingParams] = []
+        self.generators: list[torch.Generator | None] = []
+        self.left: list[int] = []  # per row: tokens it may still sample
+        self.top_logprobs: list[int] = []
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None  # (R, V): every row's next-token logits
+        self.positions = torch.zeros(0, dtype=torch.long, device=model.device)  # (R,): position of each last token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.text.max_position_embeddings
+
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a row of `prompt_tokens` that may sample `max_new_tokens` can join now: the shared
+        cache, aligned on its longest row, must hold every row's remaining tokens within the context."""
+        length = max(self._span(), prompt_tokens)
+        return length + max(self.left + [max_new_tokens]) <= self.context_length
+
+    def add(self, row, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
+            params: SamplingParams, seed: int | None, max_new_tokens: int, top_logprobs: int = 0) -> float:
+        """Prefill one prompt (1, T) alone and join it to the batch; returns the prefill's seconds."""
+        start = time.perf_counter()
+        device = self.model.device
+        prompt_tokens = int(attention_mask.sum())
+        single = self.model.new_cache(1, input_ids.shape[1])
+        logits = self.model.prefill(input_ids.to(device), attention_mask.to(device), single,
+                                    image_features=image_features)
+        seconds = time.perf_counter() - start
+        # Before its next sample, a row writes at most left - 1 more tokens: its last one is never fed back.
+        self._rebuild([(self.cache, torch.arange(len(self.rows))), (single, torch.zeros(1, dtype=torch.long))],
+                      max(self._span(), prompt_tokens), max(self.left + [max_new_tokens]) - 1)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.positions = torch.cat([self.positions, torch.tensor([prompt_tokens], device=device)])
+        self.rows.append(row)
+        self.params.append(params)
+        self.generators += make_generators(seed, 1)
+        self.left.append(max_new_tokens)
+        self.top_logprobs.append(top_logprobs)
+        return seconds
+
+    def sample(self) -> Choice:
+        """The next token of every row (R,) from its latest logits, with log-probs (and alternatives)."""
+        choice = choose_next(self.logits, self.params, self.generators, top_logprobs=max(self.top_logprobs))
+        self.left = [left - 1 for left in self.left]
+        return choice
+
+    def advance(self, tokens: torch.Tensor, keep: list[bool]) -> None:
+        """Rows with `keep` False leave; the others take their token (R,) and compute their next logits."""
+        if not all(keep):
+            self.remove([i for i, kept in enumerate(keep) if not kept])
+            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+        if not self.rows:
+            return
+        self.positions = self.positions + 1
+        self.logits = self.model.decode_step(tokens.to(self.model.device), self.positions, self.cache)
+
+    def remove(self, indices: list[int]) -> None:
+        """Drop rows `indices`; the cache is rebuilt from the rows that stay, as short as they allow."""
+        gone = set(indices)
+        stay = [i for i in range(len(self.rows)) if i not in gone]
+        for name in ("rows", "params", "generators", "left", "top_logprobs"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in stay])
+        if not stay:
+            self.cache, self.logits = None, None
+            self.positions = self.positions[:0]
+            return
+        kept = torch.tensor(stay, device=self.positions.device)
+        self.positions = self.positions.index_select(0, kept)
+        self.logits = self.logits.index_select(0, kept.to(self.logits.device))
+        # Rows leave between a sample and the decode step that feeds it: each still writes `left` tokens.
+        self._rebuild([(self.cache, kept)], self._span(), max(self.left))
+
+    def clear(self) -> list:
+        """Drop every row (after a failure); returns them."""
+        rows = self.rows
+        self.remove(list(range(len(rows))))
+        return rows
+
+    def _span(self) -> int:
+        """Slots the longest row fills: its real tokens so far (0 for an empty batch)."""
+        return int(self.positions.max()) if len(self.positions) else 0
+
+    def _rebuild(self, parts: list[tuple[KVCache | None, torch.Tensor]], length: int, room: int) -> None:
+        """A new cache of exactly the rows of `parts`, aligned on slot `length` - 1, with `room` free slots."""
+        parts = [(cache, rows) for cache, rows in parts if cache is not None and len(rows)]
+        cache = self.model.new_cache(sum(len(rows) for _, rows in parts), length + max(room, 0))
+        cache.take_rows(parts, length)
+        self.cache = cache
