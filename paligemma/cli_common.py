@@ -51,12 +51,18 @@ def add_model_arguments(parser, *, required: bool = False, default_dtype: str | 
                         help=f"weights dtype (default: {default_dtype or checkpoints})")
     if not inference_options:
         return
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    add_device_argument(parser)
     parser.add_argument("--quantize", choices=QUANTIZE_MODES,
                         help="weight-only quantization of the decoder and LM head at load time (CPU)")
     parser.add_argument("--no-optimize", action="store_true",
                         help="load the model as trained instead of rewritten for inference (fused, prepacked "
                              "matrices and the bf16 decode kernel; see paligemma/inference.py)")
+
+
+def add_device_argument(parser) -> None:
+    """Add --device (`parse_device` reads it) to `parser` (a parser or argument group)."""
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N, or auto (cuda when this machine has it, else cpu; default cpu)")
 
 
 def add_mask_codec_argument(parser) -> None:
@@ -78,7 +84,9 @@ def checkpoint_dir(model: str | Path | None) -> Path:
 
 
 def parse_device(name: str | torch.device) -> torch.device:
-    """--device as a torch.device that this machine has."""
+    """--device as a torch.device that this machine has; "auto" is cuda when there is one, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization of linear layers, for CPU inference.
+"""Weight-only int8 / int4 quantization of linear layers, for CPU inference and as a frozen QLoRA base.
 
     QuantizedLinear(weight (N, K), "int8", group_size=256)(x (..., K)) -> (..., N)
 
@@ -21,7 +21,14 @@ Which code multiplies is chosen when the layer is built, by the ISA level in for
 
 Activations go to the kernels as bf16 and the result comes back in the input's dtype. The quantized
 tensors are registered (non-persistent) buffers: casting the model's dtype leaves them as they are,
-moving it off the CPU raises.
+moving it off the CPU raises. Autocast is switched off inside the layer: it would send the blocks'
+float32 GEMM to torch's bf16 one, whose reference path is the slow one on CPUs without native bf16.
+
+Training (QLoRA, finetune/lora.py): the weights are frozen and get no gradient, but the input does.
+An input that requires grad goes through `_QuantizedMatmul`, whose backward computes
+grad_x (M, K) = grad_y (M, N) @ W (N, K) with W dequantized a block of rows at a time into the same
+reused buffer as prefill (the kernels' dequantizers, or torch ops without kernels), multiplied in
+the layer's compute dtype and summed in float32: no full-precision copy of W is ever held.
 
 Saved, a layer is its quantized tensors in a *portable* layout, the same whatever CPU wrote them
 (`state_dict()` yields them; quantized_checkpoint.py reads them back):
@@ -45,7 +52,7 @@ import torch
 from torch import nn
 
 from .errors import PaliGemmaError
-from .kernels import MAX_ROWS, level, matmul_by_row_blocks, native_bf16, ops, scratch
+from .kernels import BLOCK_BUFFER_BYTES, MAX_ROWS, level, matmul_by_row_blocks, native_bf16, ops, scratch
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -265,6 +272,18 @@ def dequantize_int8_rows(q: torch.Tensor, scales: torch.Tensor, out: torch.Tenso
     return out
 
 
+def dequantize_int4_rows(packed: torch.Tensor, scales_zeros: torch.Tensor, out: torch.Tensor,
+                         portable: bool = True) -> torch.Tensor:
+    """out (K, n) = weight rows packed (n, K/2) (n a multiple of 64), transposed as the kernels' dequantize_int4
+    writes them: (q - 8) * scale + zero with scales_zeros (K/g, n, 2). Torch ops, for CPUs without the kernels;
+    `portable`: `pack_int4`'s layout, else torch's own."""
+    q = unpack_int4(packed) if portable else unpack_torch_int4(packed)  # (n, K)
+    n, k = q.shape
+    scale, zero = scales_zeros.float().permute(2, 1, 0)  # each (n, K/g)
+    w = q.view(n, scale.shape[1], -1).float().sub_(8).mul_(scale[..., None]).add_(zero[..., None])
+    return out.copy_(w.view(n, k).T)
+
+
 def quantize_weights(weight: Weights, mode: str, group_size: int, kernels=None) -> dict[str, torch.Tensor]:
     """One matrix (or matrices fused by rows) quantized into the portable layout (module docstring): the
     tensors a QuantizedLinear saves, by name. `kernels` as for quantize_int8."""
@@ -280,8 +299,21 @@ def quantize_weights(weight: Weights, mode: str, group_size: int, kernels=None) 
 
 # ---------------------------------------------------------------------- the layer
 
+class _QuantizedMatmul(torch.autograd.Function):
+    """y = x @ W^T through a QuantizedLinear, with grad_x = grad_y @ W (`QuantizedLinear.input_grad`); W is frozen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return layer.multiply(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return ctx.layer.input_grad(grad_y), None
+
+
 class QuantizedLinear(nn.Module):
-    """A bias-free linear layer with int8 or int4 weights; inference only.
+    """A bias-free linear layer with frozen int8 or int4 weights (inference, or the base of QLoRA adapters).
 
     `weight` is one (N, K) matrix, or a list of matrices (N_i, K) to fuse, stacked by rows (quantized
     part by part, never concatenated in float). `parts` names the HF projections fused into this one
@@ -346,6 +378,13 @@ class QuantizedLinear(nn.Module):
         destination[prefix + "scales_zeros"] = self.scales_zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantizedMatmul.apply(x, self)  # the weights get no gradient; the input does
+        return self.multiply(x)
+
+    @torch.autocast("cpu", enabled=False)
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) @ W^T -> (..., N) in x's dtype, without autograd."""
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         path = self._path(rows.shape[0])
@@ -371,6 +410,38 @@ class QuantizedLinear(nn.Module):
             return "torch_int4"
         return "kernel"
 
+    @torch.autocast("cpu", enabled=False)
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """grad_y (..., N) -> grad_x = grad_y @ W (..., K) in grad_y's dtype: W dequantized a block of rows at a
+        time into a reused buffer (never whole), multiplied in the compute dtype, summed in float32."""
+        g = grad_y.reshape(-1, self.out_features).to(self.compute_dtype)
+        grad_x = torch.zeros(g.shape[0], self.in_features, dtype=torch.float32)
+        rows_per_64 = BLOCK_BUFFER_BYTES // (g.element_size() * self.in_features) // 64
+        for start, w in self._weight_blocks(64 * max(1, rows_per_64), self.compute_dtype, scratch):
+            part = g[:, start:start + w.shape[0]]
+            if part.dtype == torch.float32:
+                grad_x.addmm_(part, w)
+            else:
+                grad_x += part @ w  # a bf16 product per block, summed in float32
+        return grad_x.to(grad_y.dtype).reshape(*grad_y.shape[:-1], self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) weight these integers stand for: a full copy, for merging adapters, never for computing."""
+        weight = torch.empty(self.out_features, self.in_features, dtype=dtype)
+        for start, w in self._weight_blocks(1024, torch.float32, lambda shape, dt: torch.empty(shape, dtype=dt)):
+            weight[start:start + w.shape[0]] = w
+        return weight
+
+    def _weight_blocks(self, block: int, dtype: torch.dtype, allocate):
+        """(first row, weight rows (n, K) of `dtype`) over W by blocks of `block` rows (a multiple of 64), each
+        dequantized into allocate(shape, dtype); int4's padding rows left out."""
+        for start in range(0, self.out_features, block):
+            rows = min(block, self._stored_rows() - start)  # int4: whole 64-row blocks, padding included
+            shape = (self.in_features, rows) if self.mode == "int4" else (rows, self.in_features)
+            w = self._dequantize_block(start, allocate(shape, dtype))
+            w = w.T if self.mode == "int4" else w
+            yield start, w[:min(rows, self.out_features - start)]
+
     def _stored_rows(self) -> int:
         return self.qweight.shape[0] if self.mode == "int8" else self.packed.shape[0]  # int4: padded
 
@@ -379,6 +450,9 @@ class QuantizedLinear(nn.Module):
         if self.mode == "int8":
             rows = slice(start, start + out.shape[0])
             return dequantize_int8_rows(self.qweight[rows], self.scales[rows], out, self.kernels)
+        if self.kernels is None:  # torch's int4 kernel alone: only input_grad and dequantize get here
+            rows = slice(start, start + out.shape[1])
+            return dequantize_int4_rows(self.packed[rows], self.scales_zeros[:, rows], out, self.portable)
         self.kernels.dequantize_int4(self.packed, self.scales_zeros, start, out)
         return out
 

@@ -16,10 +16,11 @@ import json
 import sys
 
 from ..checkpoint_layout import refuse_quantized
-from ..cli_common import add_model_arguments, checkpoint_dir, load
+from ..cli_common import add_device_argument, add_model_arguments, checkpoint_dir, load, parse_device
 from ..config import PaliGemmaConfig
 from ..errors import UsageError
 from ..evaluation.scoring import TASKS
+from ..quantize import MODES as QUANTIZE_MODES
 from .trainer import TrainConfig
 
 
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the fine-tuning options to `parser`."""
     add_model_arguments(parser.add_argument_group("model"), required=True, default_dtype="float32",
                         inference_options=False)
+    add_device_argument(parser.add_argument_group("device"))
     io = parser.add_argument_group("data and files")
     io.add_argument("--data", required=True, help="training JSONL: {image, prefix, suffix} per line")
     io.add_argument("--eval-data", help="held-out JSONL, evaluated every --eval-every steps and at the end")
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay, on matrices only")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay in --dtype)")
+    opt.add_argument("--bf16", action="store_true",
+                     help="bfloat16 autocast (weights stay in --dtype); float32 instead on a CPU without native bf16")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
 
     what = parser.add_argument_group("what to train")
@@ -68,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (needs peft)")
     what.add_argument("--lora-alpha", type=float, default=16.0)
     what.add_argument("--lora-dropout", type=float, default=0.0)
+    what.add_argument("--quantize", choices=QUANTIZE_MODES,
+                      help="QLoRA: freeze the decoder's projections as int8/int4 weights under the LoRA adapters "
+                           "(needs --lora-rank; CPU, or bitsandbytes nf4 int4 on CUDA); final/ holds them merged")
     what.add_argument("--fsdp", action="store_true",
                       help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
 
@@ -94,6 +100,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm or None, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        device=str(parse_device(args.device)), quantize=args.quantize,
         freeze=tuple(part.strip() for part in args.freeze.split(",") if part.strip()),
         attention_only=args.attention_only, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, seed=args.seed, max_length=args.max_length, strict=args.strict,
@@ -106,7 +113,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Train as the arguments say; prints a JSON summary (rank 0). User errors raise PaliGemmaError."""
-    from .distributed import init_distributed
+    from .distributed import init_distributed, process_device
     from .trainer import train
 
     config = config_from_args(args)
@@ -115,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
     directory = checkpoint_dir(args.model)
     refuse_quantized(PaliGemmaConfig.from_json_file(directory / "config.json"), directory)  # training needs floats
     config.model_dir = str(directory)
-    env = init_distributed()
-    model, processor, codec = load(directory, args.dtype)
+    device = process_device(config.device)  # under torchrun on CUDA: GPU LOCAL_RANK
+    env = init_distributed(device=device)
+    model, processor, codec = load(directory, args.dtype, device)
     summary = train(model, processor, args.data, config, eval_data=args.eval_data, mask_codec=codec)
     if env.is_main:
         report = {"steps": summary.steps, "final_loss": summary.final_loss, "final_dir": summary.final_dir,

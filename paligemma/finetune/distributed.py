@@ -1,7 +1,9 @@
-"""Process-group plumbing for data-parallel training on gloo (DDP or FSDP2), from torchrun's env vars.
+"""Process-group plumbing for data-parallel training (DDP or FSDP2), from torchrun's env vars.
 
 `torchrun --nproc_per_node N` sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a
-plain `python` run has none of them and is a world of one, with every helper a no-op.
+plain `python` run has none of them and is a world of one, with every helper a no-op. The backend
+is what torchrun users expect: nccl when training on CUDA (each process on GPU LOCAL_RANK, the
+collectives' tensors moved there and back), gloo on the CPU.
 
 FSDP here is FSDP2 (`torch.distributed.fsdp.fully_shard`): each SigLIP and Gemma layer is a
 sharding unit, the root holds the rest (embeddings, projector, norms). Full (unsharded) weights
@@ -45,31 +47,54 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(backend: str = "gloo") -> DistEnv:
-    """Join the process group described by the environment (once); a world of one without it."""
+def process_device(device: str | torch.device = "cpu") -> torch.device:
+    """The device this process trains on: `device` ("auto": cuda if there is one), where plain "cuda" means
+    GPU LOCAL_RANK under torchrun."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_distributed(backend: str | None = None, device: str | torch.device = "cpu") -> DistEnv:
+    """Join the process group described by the environment (once); a world of one without it. The
+    backend defaults to nccl for a CUDA `device`, gloo otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistEnv()
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        device = process_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"))
     return DistEnv(world_size=dist.get_world_size(), rank=dist.get_rank())
 
 
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the current GPU for nccl, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """The sum of `value` over all ranks (a new tensor; the input is unchanged)."""
+    """The sum of `value` over all ranks (a new tensor on value's device; the input is unchanged)."""
     value = value.detach().clone()
     if env.enabled:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        moved = value.to(_comm_device())
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        value = moved.to(value.device)
     return value
 
 
 def all_gather_tensor(value: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
-    """[rank 0's value, rank 1's, ...]; every rank's `value` must have the same shape and dtype."""
+    """[rank 0's value, rank 1's, ...] on value's device; every rank's `value` must have the same shape and dtype."""
     if not env.enabled:
         return [value]
-    gathered = [torch.empty_like(value) for _ in range(env.world_size)]
-    dist.all_gather(gathered, value)
-    return gathered
+    moved = value.to(_comm_device())
+    gathered = [torch.empty_like(moved) for _ in range(env.world_size)]
+    dist.all_gather(gathered, moved)
+    return [tensor.to(value.device) for tensor in gathered]
 
 
 def all_gather_objects(value, env: DistEnv) -> list:
@@ -109,7 +134,8 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
         fully_shard(model)
         return model
     if env.enabled:
-        return nn.parallel.DistributedDataParallel(model)
+        on_gpu = next(model.parameters()).device
+        return nn.parallel.DistributedDataParallel(model, device_ids=[on_gpu] if on_gpu.type == "cuda" else None)
     return model
 
 

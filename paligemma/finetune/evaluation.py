@@ -14,7 +14,7 @@ from ..generation import generate_detailed
 from ..images import load_image
 from ..model import PaliGemma
 from .data import Collator, DataError, Example
-from .step import autocast_context, count_targets
+from .step import autocast_context, count_targets, to_device
 
 
 def check_eval_task(dataset: Sequence[Example], task: str, codec=None) -> None:
@@ -54,10 +54,10 @@ def evaluate(model: PaliGemma, processor, dataset: Sequence[Example], batch_size
     try:
         for first in range(0, len(examples), batch_size):
             chunk = examples[first:first + batch_size]
-            batch = collate(chunk)
+            batch = to_device(collate(chunk), model.device)
             pixel_values = batch.pop("pixel_values")
             features = model.encode_images(pixel_values)  # (images, N, D), as generation would compute them
-            with autocast_context(bf16):
+            with autocast_context(bf16, model.device):
                 # Under bf16 the images are encoded under autocast for the loss, as in training.
                 out = model(**batch, pixel_values=pixel_values) if bf16 else model(**batch, image_features=features)
             n = count_targets(batch["labels"])

@@ -12,18 +12,46 @@ Kept apart from `trainer` (the loop) so that `evaluation`, which `trainer` calls
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..kernels import native_bf16
 from ..model import IGNORE_INDEX
 from .distributed import DistEnv, all_reduce_sum, gradient_sync
 
+log = logging.getLogger(__name__)
 
-def autocast_context(bf16: bool):
-    """bfloat16 autocast on CPU when asked; a no-op otherwise."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+def autocast_context(bf16: bool, device: torch.device | str = "cpu"):
+    """bfloat16 autocast for `device`'s type (cpu, cuda) when asked; a no-op otherwise.
+
+    On a CPU without native bf16 arithmetic (kernels.native_bf16: no AVX512-BF16, or capped by
+    PALIGEMMA_ISA), torch runs bf16 matmuls, the backward's included, on its reference GEMM, many times
+    slower than float32: there the step computes in float32 instead (no autocast), and says so once.
+    """
+    device_type = torch.device(device).type
+    if not bf16:
+        return contextlib.nullcontext()
+    if device_type == "cpu" and not native_bf16():
+        _say_float32_once()
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+@functools.cache
+def _say_float32_once() -> None:
+    log.warning("paligemma: this CPU has no native bf16 arithmetic, where torch's bf16 matmuls take a slow "
+                "reference path: --bf16 autocast is off and training computes in float32")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors moved to `device` (the collators build them on the CPU)."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -45,15 +73,16 @@ def train_step(runner: nn.Module, micro_batches: Sequence[dict], params: Sequenc
     local_counts = [count_targets(batch["labels"]) for batch in micro_batches]
     global_count = float(all_reduce_sum(torch.tensor(float(sum(local_counts))), env))
     loss_sum = torch.zeros((), dtype=torch.float64)
+    device = params[0].device if params else torch.device("cpu")
     for index, (batch, count) in enumerate(zip(micro_batches, local_counts)):
         with gradient_sync(runner, sync=index == len(micro_batches) - 1):
-            with autocast_context(bf16):
-                output = runner(**batch)
+            with autocast_context(bf16, device):
+                output = runner(**to_device(batch, device))
                 # mean * count = this micro-batch's summed token loss; no target at all keeps the graph.
                 token_sum = output.loss.float() * count if count else output.logits.sum() * 0.0
             # DDP and FSDP average gradients over processes, hence * world_size: we want their sum.
             (token_sum * (env.world_size / global_count)).backward()
-        loss_sum += token_sum.detach().double()
+        loss_sum += token_sum.detach().double().cpu()
     loss = float(all_reduce_sum(loss_sum, env)) / global_count
     max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)

@@ -32,7 +32,15 @@ from ..model import PaliGemma
 from . import checkpoint as ckpt
 from . import lora
 from .data import DataError, MicroBatchSampler, TrainingCollator, as_dataset, usable_examples
-from .distributed import DistEnv, all_gather_objects, barrier, init_distributed, shard_bounds, wrap_model
+from .distributed import (
+    DistEnv,
+    all_gather_objects,
+    barrier,
+    init_distributed,
+    process_device,
+    shard_bounds,
+    wrap_model,
+)
 from .evaluation import check_eval_task, evaluate
 from .freezing import count_trainable, set_trainable
 from .run_folder import FINAL_DIR, MetricsLog, SkipReport, claim, write_config
@@ -56,7 +64,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0  # AdamW, matrices only
     max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
-    bf16: bool = False  # bfloat16 autocast on CPU
+    bf16: bool = False  # bfloat16 autocast (float32 instead on a CPU without native bf16: step.autocast_context)
+    device: str = "cpu"  # cpu, cuda (GPU LOCAL_RANK under torchrun), cuda:N or auto (cuda if there is one)
+    quantize: str | None = None  # QLoRA: "int8" | "int4" frozen decoder projections under the adapters
     gradient_checkpointing: bool = False
     freeze: tuple[str, ...] = ()  # of "vision", "projector", "embeddings", "decoder"
     attention_only: bool = False  # train language_model.layers.*.self_attn.* only
@@ -93,6 +103,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: resume continues the run in out_dir, "
                              "overwrite deletes it")
+        if self.quantize is not None and not self.lora_rank:
+            raise ValueError("quantize freezes the base as quantized layers: it needs LoRA adapters (lora_rank > 0)")
         if self.lora_rank and self.fsdp:
             raise ValueError("LoRA with FSDP is not supported: the adapters are small, use DDP (no --fsdp)")
         self.freeze = tuple(self.freeze)
@@ -124,7 +136,8 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     `train` with the same arguments; rank 0 alone writes files. `mask_codec` decodes segment answers
     when `config.eval_task` is "segment".
     """
-    env = init_distributed()
+    device = process_device(config.device)
+    env = init_distributed(device=device)
     out = Path(config.out_dir)
     claim(out, config.resume, config.overwrite, env)  # before anything is read or written
     _seed_everything(config.seed)
@@ -143,6 +156,8 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
         if config.eval_task is not None:
             check_eval_task(eval_set, config.eval_task, mask_codec)  # unknown task, unreadable references
 
+    if model.device != device:
+        model.to(device)
     _choose_trainable(model, config)
     runner = wrap_model(model, env, config.fsdp)  # FSDP swaps in sharded parameters: before the optimizer
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
@@ -223,7 +238,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _choose_trainable(model: PaliGemma, config: TrainConfig) -> None:
-    """LoRA adapters, the caller's adapters, or the parts not frozen; and gradient checkpointing."""
+    """LoRA adapters (over a quantized base with `quantize`), the caller's adapters, or the parts not frozen;
+    and gradient checkpointing."""
+    if config.quantize is not None:
+        lora.quantize_base(model, config.quantize)
     if config.lora_rank:
         lora.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.model_dir)
     elif lora.has_lora(model):  # adapters injected by the caller (apply_lora / load_adapter): train those

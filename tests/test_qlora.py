@@ -1,0 +1,182 @@
+"""QLoRA: LoRA adapters over our frozen int8/int4 `QuantizedLinear` layers (finetune.lora.quantize_base).
+
+The quantized layer's backward (grad_x = grad_y @ dequantized W, a block at a time) is checked against
+autograd through the same weights in float, at every ISA level this machine runs; the adapters'
+gradients against those of the same LoRA on the dequantized float model; training end to end, the
+merge into a float checkpoint, and `paligemma finetune --quantize` then `paligemma generate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import random_batch, tiny_config, write_complete_checkpoint
+
+import paligemma
+from paligemma.cli import main as cli_main
+from paligemma.finetune import TrainConfig, train
+from paligemma.finetune.data import Collator, FinetuneDataset
+from paligemma.finetune.lora import apply_lora, merge_lora, quantize_base
+from paligemma.kernels import supported_levels, use_level
+from paligemma.model import PaliGemma
+from paligemma.quantize import QuantizedLinear
+
+pytest.importorskip("peft")
+LEVELS = supported_levels()
+# bf16 tolerance: the quantized layers multiply bf16 activations (kernels) or in bf16 (native-bf16 CPUs).
+BF16_RTOL = 2e-2
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, 300])  # the kernels' GEMV (<= 8 rows) and the blocks path
+def test_quantized_layer_backward_is_grad_y_times_the_dequantized_weight(level, mode, rows):
+    torch.manual_seed(0)
+    weight = torch.randn(200, 256)  # 200 rows: int4 pads to 256, the padding must not leak into grad_x
+    with use_level(level):
+        layer = QuantizedLinear(weight, mode)
+    dense = layer.dequantize()
+    assert relative_error(dense, weight) < (0.01 if mode == "int8" else 0.15)  # it is W, quantized
+    x = torch.randn(rows, 256, requires_grad=True)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    assert relative_error(y.detach(), x.detach() @ dense.T) < BF16_RTOL
+    assert relative_error(x.grad, grad_y @ dense) < BF16_RTOL
+    assert not list(layer.parameters())  # nothing of the layer's trains
+
+
+def _tiny_model(seed: int = 0) -> PaliGemma:
+    torch.manual_seed(seed)
+    return PaliGemma(tiny_config("gemma", hidden=64, kv_heads=2)).float()  # widths multiples of 32
+
+
+def _lora_pair(mode: str, level: str, checkpointing: bool):
+    """(QLoRA model, the same LoRA on a float model whose projections are the dequantized weights)."""
+    base = _tiny_model()
+    quantized = copy.deepcopy(base)
+    with use_level(level):
+        quantize_base(quantized, mode)
+    reference = copy.deepcopy(base)
+    for layer_q, layer_f in zip(quantized.language_model.layers, reference.language_model.layers):
+        for part in ("self_attn", "mlp"):
+            for name, module in getattr(layer_q, part).named_children():
+                if isinstance(module, QuantizedLinear):
+                    getattr(getattr(layer_f, part), name).weight.data = module.dequantize()
+    for model in (quantized, reference):
+        torch.manual_seed(1)
+        apply_lora(model, rank=4, alpha=8.0)
+        with torch.no_grad():  # B starts at zero, which would leave A without gradient
+            for name, param in model.named_parameters():
+                if ".lora_B." in name:
+                    param.normal_(0, 0.2, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+        model.language_model.gradient_checkpointing = checkpointing
+        model.train()
+    return quantized, reference
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_adapter_gradients_equal_those_on_the_dequantized_float_model(mode, level):
+    quantized, reference = _lora_pair(mode, level, checkpointing=level == LEVELS[-1])
+    batch = random_batch(quantized.config, batch=2)
+    grads = []
+    for model in (quantized, reference):
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 3  # A and B, 7 projections, 3 layers
+    assert not any(p.requires_grad for n, p in quantized.named_parameters() if ".lora_" not in n)
+    for name in grads[1]:
+        assert grads[0][name] is not None and relative_error(grads[0][name], grads[1][name]) < BF16_RTOL, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    runs = []
+    for checkpointing in (False, True):
+        quantized, _ = _lora_pair("int4", LEVELS[0], checkpointing)
+        quantized(**random_batch(quantized.config, batch=2)).loss.backward()
+        runs.append({n: p.grad for n, p in quantized.named_parameters() if p.requires_grad})
+    for name in runs[0]:
+        torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- training and merging
+
+COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30)}
+ANSWERS = {"red": "a star", "green": "a circle", "blue": "a square", "yellow": "a triangle"}  # a new mapping
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, spm_model_path, spm_layout):
+    directory = tmp_path_factory.mktemp("qlora-base")
+    write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=1, hidden=64)
+    return directory
+
+
+def _rows() -> list[dict]:
+    """The answer depends on the image alone: the prompt is the same for every row."""
+    return [{"image": Image.new("RGB", (28, 28), rgb), "prefix": "caption en", "suffix": ANSWERS[color]}
+            for color, rgb in COLORS.items()]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_qlora_learns_an_image_dependent_answer_and_merges_to_a_float_checkpoint(tmp_path, base_dir, mode):
+    processor = paligemma.load_processor(base_dir)
+    model = paligemma.load_model(base_dir, dtype=torch.float32)
+    data = _rows()
+    before = paligemma.generate(model, processor, [r["image"] for r in data], [r["prefix"] for r in data],
+                                max_new_tokens=4)
+    assert before != [r["suffix"] for r in data]
+    config = TrainConfig(out_dir=str(tmp_path / "out"), steps=40, lr=2e-2, batch_size=4, lora_rank=8, seed=0,
+                         quantize=mode, gradient_checkpointing=True, progress=False, model_dir=str(base_dir))
+    summary = train(model, processor, data, config, eval_data=data)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 7 * 3
+    assert summary.evals[-1]["exact_match"] == 1.0, (summary.losses[::5], summary.evals[-1]["examples"])
+
+    # final/: a float checkpoint holding dequantize(Q) + B A alpha/r; its logits are the QLoRA model's.
+    final = tmp_path / "out" / "final"
+    assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    merged = paligemma.load_model(final, dtype=torch.float32).eval()
+    assert not any(isinstance(m, QuantizedLinear) for m in merged.modules())
+    batch = Collator(processor)(FinetuneDataset(data).examples)
+    with torch.no_grad():
+        qlora_logits = model.eval()(**batch).logits
+        merge_error = relative_error(merged(**batch).logits, qlora_logits)
+        assert merge_error < BF16_RTOL, merge_error
+        torch.testing.assert_close(merge_lora(model)(**batch).logits, merged(**batch).logits)
+    answers = paligemma.generate(merged, processor, [r["image"] for r in data], [r["prefix"] for r in data],
+                                 max_new_tokens=4)
+    assert answers == [r["suffix"] for r in data]
+
+
+def test_quantize_needs_lora():
+    with pytest.raises(ValueError, match="needs LoRA"):
+        TrainConfig(quantize="int4")
+
+
+def test_cli_finetune_quantize_int4_then_generate_on_the_merged_demo_model(tmp_path, capsys):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (112, 112), (230, 20, 20)).save(image)
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"image": str(image), "prefix": "caption en", "suffix": "a red square"}) + "\n")
+    demo = paligemma.cli_common.DEMO_MODEL_DIR
+    code = cli_main(["finetune", "--model", str(demo), "--data", str(tmp_path / "train.jsonl"), "--out",
+                     str(tmp_path / "run"), "--quantize", "int4", "--lora-rank", "8", "--steps", "2",
+                     "--batch-size", "1", "--gradient-checkpointing", "--no-progress", "--device", "cpu"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["steps"] == 2 and report["trainable_parameters"] > 0
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text()).get("quantization") is None  # a float checkpoint
+    code = cli_main(["generate", "--model", str(final), "--image", str(image), "--prompt", "caption en",
+                     "--max-new-tokens", "5", "--device", "auto"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.strip()
