@@ -258,7 +258,9 @@ class BatchEngine:
                     return
             start = time.perf_counter()
             choice = self.batch.sample()
-            keep = [self._take(row, choice, r) for r, row in enumerate(self.batch.rows)]
+            tokens, logprobs = choice.tokens.tolist(), choice.logprobs.tolist()  # one device sync per step
+            keep = [self._take(row, tokens[r], logprobs[r], _alternatives(choice, r, row.text.top_logprobs))
+                    for r, row in enumerate(self.batch.rows)]
             self.batch.advance(choice.tokens, keep)
         except Exception as err:  # a model failure: fail the running rows, keep serving
             log.exception("decode step failed")
@@ -273,11 +275,10 @@ class BatchEngine:
             self.counters["decode_steps"] += 1
             self.counters["rows_decoded"] += len(self.batch)
 
-    def _take(self, row: "_LiveRow", choice, r: int) -> bool:
-        """Give row `r` its sampled token and deliver what it wrote; False when the row is done."""
+    def _take(self, row: "_LiveRow", token: int, logprob: float, top: list[tuple[int, float]]) -> bool:
+        """Give a row its sampled token and deliver what it wrote; False when the row is done."""
         job, now = row.job, time.monotonic()
-        top = _alternatives(choice, r, row.text.top_logprobs)
-        delta = row.text.add(int(choice.tokens[r]), float(choice.logprobs[r]), top)
+        delta = row.text.add(token, logprob, top)
         self.counters["generated_tokens"] += 1
         if job.first_token_at is None:
             job.first_token_at = now
