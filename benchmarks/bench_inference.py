@@ -16,6 +16,13 @@ Measured per (model, dtype, implementation):
 and, for batch-1 decode, the bytes streamed per token divided by the machine's streaming bandwidth
 (a 1 GiB tensor sum measured in the same run): the "fraction of the physical limit".
 
+PaliGemma 2 10B and 28B (`--models pg2-10b,pg2-28b`, ours only: `--no-transformers`): the random
+checkpoint is streamed to disk a tensor at a time (never the whole model in memory); `--saved int8,int4`
+adds rows loaded from quantized checkpoints, written once from the bf16 one by `paligemma quantize`
+(its time and peak RSS are printed); `--load-only` measures load time and RSS alone (the bf16 memory
+map of a model that does not fit in memory); `--new-tokens` shortens decode. A checkpoint larger than
+half the available memory is not read into the page cache before a worker: its load reads the disk.
+
 `--isa avx512bf16|avx2|none` caps this project's kernels (PALIGEMMA_ISA) in every worker; `--isa avx2`
 also makes both implementations' torch (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA) and MKL
 (MKL_ENABLE_INSTRUCTIONS) run their AVX2 code, so that an AVX-512 machine measures both sides as an
@@ -38,7 +45,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
-MODELS = {"pg1": "paligemma-3b-224", "pg2": "paligemma2-3b-224"}
+MODELS = {"pg1": "paligemma-3b-224", "pg2": "paligemma2-3b-224", "pg2-10b": "paligemma2-10b-224",
+          "pg2-28b": "paligemma2-28b-224"}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 PROMPT_LEN = 10  # <bos> + 8 text tokens + "\n"
 NEW_TOKENS = 64
@@ -46,33 +54,69 @@ NEW_TOKENS = 64
 
 # ---------------------------------------------------------------------- checkpoints
 
-def checkpoint_dir(model: str) -> Path:
-    return CACHE / f"{model}-random-bf16"
+def checkpoint_dir(model: str, quantized: str | None = None) -> Path:
+    return CACHE / f"{model}-random-{quantized or 'bf16'}"
 
 
 def ensure_checkpoint(model: str) -> Path:
-    """Write a random-weight bf16 checkpoint of the full-size preset, once."""
+    """Write a random-weight bf16 checkpoint of the full-size preset, once, a tensor at a time: memory
+    holds one tensor (28B's embedding table, 2.4 GB, at most), never the model."""
     directory = checkpoint_dir(model)
-    if (directory / "config.json").exists() and (directory / "model.safetensors.index.json").exists():
+    if (directory / "config.json").exists():
         return directory
+    import resource
+
     import torch
 
+    from paligemma.checkpoint_layout import checkpoint_config, hub_key
     from paligemma.config import PaliGemmaConfig
     from paligemma.model import PaliGemma
+    from paligemma.safetensors_io import StreamedCheckpoint, new_folder
 
     print(f"writing {directory} (random weights, bf16)...", file=sys.stderr, flush=True)
-    config = PaliGemmaConfig.from_preset(MODELS[model])
-    # Built directly in bf16, filled in place: one copy of the weights in memory, never a float32 one.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            model_ = PaliGemma(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model_ = model_.to_empty(device="cpu")
-    model_.init_weights(std=0.02, seed=0)
-    model_.save_pretrained(directory, max_shard_bytes=2 * 1024**3)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        skeleton = PaliGemma(PaliGemmaConfig.from_preset(MODELS[model])).to(torch.bfloat16)
+    layout = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
+    # N(0, 0.02) values cycled from a 16 M-entry pool (normal_ costs ~20 ns an entry: 10 minutes for 28B);
+    # biases and RMSNorm weights (scale 1 + w) 0, SigLIP's LayerNorm weights 1, as init_weights makes them.
+    pool = torch.empty(1 << 24, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    with new_folder(directory) as tmp:
+        writer = StreamedCheckpoint(tmp, {hub_key(name): spec for name, spec in layout.items()}, 2 * 1024**3)
+        for number, (name, (shape, dtype)) in enumerate(layout.items()):
+            tensor = torch.empty(shape, dtype=dtype)
+            if len(shape) > 1:
+                flat, done, offset = tensor.view(-1), 0, (number * 7919) % pool.numel()
+                while done < flat.numel():
+                    take = min(pool.numel() - offset, flat.numel() - done)
+                    flat[done:done + take].copy_(pool[offset:offset + take])
+                    done, offset = done + take, 0
+            else:
+                tensor.fill_(1.0 if name.startswith("vision_tower") and "norm" in name and name.endswith("weight")
+                             else 0.0)
+            writer.write(hub_key(name), tensor)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(checkpoint_config(skeleton), indent=2) + "\n", encoding="utf-8")
+    size = sum(path.stat().st_size for path in directory.iterdir())
+    print(f"wrote {directory}: {size / 1024**3:.1f} GiB in {time.perf_counter() - start:.0f} s, peak RSS of this "
+          f"process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GiB", file=sys.stderr,
+          flush=True)
+    return directory
+
+
+def ensure_quantized(model: str, mode: str, threads: int) -> Path:
+    """The bf16 checkpoint quantized once by `paligemma quantize` on `threads` threads (its time and peak
+    RSS printed)."""
+    directory = checkpoint_dir(model, mode)
+    if not (directory / "config.json").exists():
+        source = ensure_checkpoint(model)
+        proc = subprocess.run([sys.executable, "-m", "paligemma", "quantize", "--model", str(source), "--to", mode,
+                               "--out", str(directory)], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(HERE.parent), OMP_NUM_THREADS=str(threads)))
+        if proc.returncode:
+            raise SystemExit(f"paligemma quantize failed: {proc.stderr[-2000:]}")
+        print(f"paligemma quantize --to {mode} ({threads} thread(s)): {proc.stdout.strip()}", file=sys.stderr,
+              flush=True)
     return directory
 
 
@@ -100,7 +144,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     t_launch = float(os.environ["BENCH_LAUNCH"])
     dtype = getattr(torch, DTYPES[args.dtype])
-    directory = checkpoint_dir(args.model)
+    directory = checkpoint_dir(args.model, args.quantize if args.saved else None)
     from paligemma.config import PaliGemmaConfig
     config = PaliGemmaConfig.from_json_file(directory / "config.json")
     ids1, mask1, pix1 = _inputs(config, 1)
@@ -108,14 +152,19 @@ def worker(args) -> dict:
     if args.impl == "ours":
         from paligemma.loading import load_model
         start = time.perf_counter()
-        model = load_model(directory, dtype=dtype, quantize=args.quantize, optimize=not args.no_optimize)
+        quantize = None if args.saved else args.quantize  # a saved quantized checkpoint loads as it is
+        model = load_model(directory, dtype=dtype, quantize=quantize, optimize=not args.no_optimize)
         out["load"] = time.perf_counter() - start
+        if args.load_only:
+            out["peak_rss_gb"] = _rss_gb()
+            return out
+        new_tokens = args.new_tokens
 
         def encode(pixels):
             return model.encode_images(pixels)
 
         def prefill(ids, mask, feats):
-            cache = model.new_cache(ids.shape[0], ids.shape[1] + NEW_TOKENS + 1)
+            cache = model.new_cache(ids.shape[0], ids.shape[1] + new_tokens + 1)
             return model.prefill(ids, mask, cache, image_features=feats), cache
 
         def decode(ids, mask, feats, steps):
@@ -134,11 +183,11 @@ def worker(args) -> dict:
             out["cold_start"] = time.time() - t_launch
             out["encode"] = _median(lambda: encode(pix1), args.inner)
             out["prefill"] = _median(lambda: prefill(ids1, mask1, feats), args.inner)
-            out["decode_b1"] = NEW_TOKENS / decode(ids1, mask1, feats, NEW_TOKENS)
+            out["decode_b1"] = new_tokens / decode(ids1, mask1, feats, new_tokens)
             if args.batch8:
                 ids8, mask8, pix8 = _inputs(config, 8)
                 feats8 = encode(pix8)
-                out["decode_b8"] = 8 * NEW_TOKENS / decode(ids8, mask8, feats8, NEW_TOKENS)
+                out["decode_b8"] = 8 * new_tokens / decode(ids8, mask8, feats8, new_tokens)
         out["weight_bytes"] = _decode_bytes(model)
     else:
         from transformers import PaliGemmaForConditionalGeneration
@@ -163,12 +212,13 @@ def worker(args) -> dict:
             # prefill = encode + prompt forward + first token, minus the encode timed above
             first = statistics.median(timed(lambda: generate(ids1, mask1, pix1, 1)) for _ in range(args.inner))
             out["prefill"] = first - out["encode"]
-            out["decode_b1"] = NEW_TOKENS / (timed(lambda: generate(ids1, mask1, pix1, NEW_TOKENS + 1)) - first)
+            new = args.new_tokens
+            out["decode_b1"] = new / (timed(lambda: generate(ids1, mask1, pix1, new + 1)) - first)
             if args.batch8:
                 ids8, mask8, pix8 = _inputs(config, 8)
                 first8 = timed(lambda: generate(ids8, mask8, pix8, 1))
-                elapsed = timed(lambda: generate(ids8, mask8, pix8, NEW_TOKENS + 1)) - first8
-                out["decode_b8"] = 8 * NEW_TOKENS / elapsed
+                elapsed = timed(lambda: generate(ids8, mask8, pix8, new + 1)) - first8
+                out["decode_b8"] = 8 * new / elapsed
         out["weight_bytes"] = _decode_bytes(model)
     out["total_weight_bytes"] = _decode_bytes(model, vision=True)
     out["peak_rss_gb"] = _rss_gb()
@@ -246,24 +296,43 @@ def isa_environment(isa: str | None) -> dict:
     return {"PALIGEMMA_ISA": isa, **ISA_EMULATION.get(isa, {})}
 
 
-def warm_page_cache(directory: Path) -> None:
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def warm_page_cache(directory: Path) -> bool:
     """Read a checkpoint's files once, so that every worker starts with them in the page cache (a
-    float32 transformers worker needs ~17 GB and evicts them; the next load would time the disk)."""
-    for path in sorted(directory.iterdir()):
+    float32 transformers worker needs ~17 GB and evicts them; the next load would time the disk).
+    Not for files over half the available memory (10B / 28B in bf16): they would not stay. Returns
+    whether it read them."""
+    paths = sorted(directory.iterdir())
+    if sum(path.stat().st_size for path in paths) > available_memory() / 2:
+        return False
+    for path in paths:
         with open(path, "rb") as f:
             while f.read(64 << 20):
                 pass
+    return True
 
 
-def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None) -> dict:
-    warm_page_cache(checkpoint_dir(model))
+def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None, saved: bool = False) -> dict:
+    warmed = warm_page_cache(checkpoint_dir(model, quantize if saved else None))
     cmd = [sys.executable, __file__, "--worker", impl, "--models", model, "--dtypes", dtype,
-           "--threads", str(args.threads), "--inner", str(args.inner)]
+           "--threads", str(args.threads), "--inner", str(args.inner), "--new-tokens", str(args.new_tokens)]
     cmd += ["--quantize", quantize or ""]
     if (quantize or dtype) in args.batch8.split(","):
         cmd.append("--worker-batch8")
-    if args.no_optimize:
-        cmd.append("--no-optimize")
+    for flag, on in (("--no-optimize", args.no_optimize), ("--worker-saved", saved), ("--load-only", args.load_only)):
+        if on:
+            cmd.append(flag)
+    available = available_memory()
     env = dict(os.environ, BENCH_LAUNCH=repr(time.time()), OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **isa_environment(args.isa))
@@ -273,17 +342,23 @@ def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None) ->
         print(proc.stderr[-3000:], file=sys.stderr)
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {impl:12s} {model} {dtype} {quantize or '':4s} {json.dumps({k: round(v, 3) for k, v in result.items()})}",
+    result.update(files_in_page_cache=int(warmed), available_gb_before=available / 1024**3)
+    label = f"{quantize or ''}{' saved' if saved else ''}"
+    print(f"  {impl:12s} {model} {dtype} {label:10s} {json.dumps({k: round(v, 3) for k, v in result.items()})}",
           file=sys.stderr, flush=True)
     return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="pg1,pg2", help="comma list of pg1, pg2 (default both)")
+    parser.add_argument("--models", default="pg1,pg2", help=f"comma list of {', '.join(MODELS)} (default pg1,pg2)")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
     parser.add_argument("--quantize", default="int8,int4",
                         help="comma list of int8, int4 for ours (bf16 activations), or ''")
+    parser.add_argument("--saved", default="", help="comma list of int8, int4: ours loaded from a quantized "
+                        "checkpoint written once by `paligemma quantize` (default none)")
+    parser.add_argument("--load-only", action="store_true", help="measure load time and peak RSS only")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help=f"decode steps timed (default {NEW_TOKENS})")
     parser.add_argument("--repeats", type=int, default=2, help="A B rounds per configuration (default 2)")
     parser.add_argument("--inner", type=int, default=2, help="timed repeats of encode/prefill inside a worker")
     parser.add_argument("--threads", default=str(os.cpu_count()),
@@ -299,18 +374,21 @@ def main(argv=None):
     parser.add_argument("--json-out", help="also write the raw results here")
     parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-batch8", dest="worker_batch8", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-saved", dest="worker_saved", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         args.threads = int(args.threads)
         args.impl, args.model, args.dtype = args.worker, args.models, args.dtypes
         args.quantize = args.quantize or None
-        args.batch8 = args.worker_batch8
+        args.batch8, args.saved = args.worker_batch8, args.worker_saved
         print(json.dumps(worker(args)))
         return
     sys.path.insert(0, str(HERE.parent))
     models = [m for m in args.models.split(",") if m]
     for model in models:
         ensure_checkpoint(model)
+        for mode in [m for m in args.saved.split(",") if m]:
+            ensure_quantized(model, mode, int(args.threads.split(",")[0]))
     if args.prepare:
         return
     results = {}
@@ -344,6 +422,10 @@ def measure(args, models: list[str]):
             runs = {"ours": [run_worker(args, "ours", model, "bf16", quant) for _ in range(args.repeats)],
                     "transformers": []}
             rows.append((model, "bf16", quant, runs))
+        for quant in [q for q in args.saved.split(",") if q]:
+            runs = {"ours": [run_worker(args, "ours", model, "bf16", quant, saved=True) for _ in range(args.repeats)],
+                    "transformers": []}
+            rows.append((model, "bf16", f"{quant} saved", runs))
         if args.reference_fp32 and not args.no_transformers:
             runs = {"ours": [], "transformers": [run_worker(args, "transformers", model, "fp32", None)
                                                  for _ in range(args.repeats)]}
