@@ -27,7 +27,7 @@ from paligemma.data_import import (
 )
 from paligemma.data_import.common import box_to_upright, mask_to_upright, upright_size
 from paligemma.demo.export_coco import export, mask_to_coco_rle
-from paligemma.demo.scenes import SHAPES, generate_scene, segment_answer
+from paligemma.demo.scenes import SHAPES, detect_answer, generate_scene, segment_answer
 from paligemma.finetune.data import FinetuneDataset
 from paligemma.segmentation import format_segmentations
 from paligemma.tasks import parse_detections
@@ -91,6 +91,16 @@ def test_object_orders(tmp_path, shapes_coco):
         tops = [(d.box[1], d.box[0]) for d in parse_detections(raster, (224, 224)).objects]
         assert tops == sorted(tops)
         assert sorted(file_order.split(" ; ")) == sorted(raster.split(" ; "))
+
+
+def test_one_row_per_class_in_the_image(tmp_path, shapes_coco):
+    """--classes each: "detect circle" with the circles only, as the shapes world's own detect answers."""
+    root, instances, _ = shapes_coco
+    import_coco(instances, root / "images", Writer(tmp_path / "each.jsonl"), prompt_classes="each", order="file")
+    rows = _rows(tmp_path / "each.jsonl")
+    expected = [(f"detect {shape}", detect_answer(scene, shape)) for scene in map(generate_scene, SEEDS)
+                for shape in SHAPES if any(o.shape == shape for o in scene.objects)]
+    assert [(row["prefix"], row["suffix"]) for row in rows] == expected
 
 
 def test_coco_segment_rows_equal_the_scenes_own_answers(tmp_path, shapes_coco, codec):

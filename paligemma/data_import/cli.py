@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from .common import LINK_MODES, ORDERS, TASKS, ImportResult, Writer
+from .common import LINK_MODES, ORDERS, PROMPT_CLASSES, TASKS, ImportResult, Writer
 
 FORMATS = ("coco", "coco-captions", "yolo", "masks")
 _NEEDS = {"coco": ("annotations", "images"), "coco-captions": ("annotations", "images"), "yolo": ("data_yaml",),
@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rows.add_argument("--task", choices=TASKS, help="detect or segment rows (default detect; masks: segment)")
     rows.add_argument("--mask-codec", metavar="FILE",
                       help="segment: the VQ-VAE with an encoder that turns masks into <seg> tokens (vae-oid.npz)")
-    rows.add_argument("--classes", choices=("all", "present"), default="all",
-                      help="prompt for every class (default; images without objects become negatives) or only "
-                           "for those in the image")
+    rows.add_argument("--classes", choices=PROMPT_CLASSES, default="all",
+                      help="one row per image asking for every class (default; images without objects become "
+                           "negatives) or for those in the image, or one row per class in the image ('each')")
     rows.add_argument("--order", choices=ORDERS, default="random",
                       help="object order in an answer: random (default, seeded per image), file, raster")
     rows.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")

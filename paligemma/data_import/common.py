@@ -275,34 +275,41 @@ class Writer:
         return len(self.rows)
 
 
+PROMPT_CLASSES = ("all", "present", "each")
+
+
 def write_object_rows(entries: Iterable[ImageEntry], writer: Writer, result: ImportResult, task: str,
                       classes: list[str], prompt_classes: str, order: str, seed: int,
                       codec: MaskCodec | None) -> ImportResult:
-    """One detect/segment row per image (objects in `order`), prompting for every class or only
-    those present; an image without objects is a negative example with an empty answer
-    (prompt_classes="all") or left out (prompt_classes="present")."""
+    """detect/segment rows, objects in `order`. prompt_classes: "all", one row per image asking for
+    every class (an image without objects is a negative example with an empty answer); "present",
+    one row per image asking for the classes in it; "each", one row per class in the image asking
+    for it alone ("detect cat"). Images that would ask for nothing are left out (noted)."""
     if task not in TASKS:
         raise DataImportError(f"task must be one of {TASKS}, got {task!r}")
     if task == "segment" and codec is None:
         raise DataImportError("segment rows need a mask codec with an encoder (--mask-codec, e.g. vae-oid.npz)")
-    if prompt_classes not in ("all", "present"):
-        raise DataImportError(f"prompt classes must be 'all' or 'present', got {prompt_classes!r}")
+    if prompt_classes not in PROMPT_CLASSES:
+        raise DataImportError(f"prompt classes must be one of {PROMPT_CLASSES}, got {prompt_classes!r}")
     if order not in ORDERS:
         raise DataImportError(f"order must be one of {ORDERS}, got {order!r}")
     for entry in entries:
         present = {o.label for o in entry.objects}
         asked = classes if prompt_classes == "all" else [c for c in classes if c in present]
         if not asked:
-            result.notes.append(f"{entry.name}: no objects, not written (prompt classes 'present')")
+            result.notes.append(f"{entry.name}: no objects, not written (prompt classes '{prompt_classes}')")
             continue
         objects = ordered(entry.objects, order, entry.name, seed)
+        prompts = [asked] if prompt_classes != "each" else [[label] for label in asked]
         try:
-            suffix = answer(task, objects, entry.size, codec)
+            suffixes = [answer(task, [o for o in objects if o.label in labels], entry.size, codec)
+                        for labels in prompts]
         except ValueError as err:  # a label or box the answer grammar cannot hold
             result.problems.append(f"{entry.name}: {err}; image skipped")
             result.skipped_images += 1
             continue
-        writer.add(writer.place(entry), task_prompt(task, asked), suffix)
+        for labels, suffix in zip(prompts, suffixes):
+            writer.add(writer.place(entry), task_prompt(task, labels), suffix)
     return finish(writer, result)
 
 
