@@ -180,3 +180,61 @@ def test_cli_finetune_quantize_int4_then_generate_on_the_merged_demo_model(tmp_p
                      "--max-new-tokens", "5", "--device", "auto"])
     out = capsys.readouterr().out
     assert code == 0 and out.strip()
+
+
+# ---------------------------------------------------------------------- bf16 weights without native bf16
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtypes of every matrix product's operands, forward and backward."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention_for_cpu",
+                "_scaled_dot_product_attention_math", "linear", "matmul"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.PRODUCTS:
+            self.seen |= {(func.overloadpacket.__name__, a.dtype) for a in args if isinstance(a, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_bf16_weights_on_a_cpu_without_native_bf16_train_in_float32(tmp_path, base_dir, quantize):
+    """Every product of a step, forward and backward, is float32; the step equals the float32 model's whose
+    weights are the same bf16 values; training, evaluation (generation) and merging work."""
+    from paligemma.finetune.widening import needs_widening
+
+    processor = paligemma.load_processor(base_dir)
+    data = _rows()
+    batch = Collator(processor)(FinetuneDataset(data).examples)
+    with use_level("avx2"):
+        models = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            model = paligemma.load_model(base_dir, dtype=torch.bfloat16).to(dtype)
+            config = TrainConfig(out_dir=str(tmp_path / str(dtype)), steps=1, lr=0.0, batch_size=4, lora_rank=4,
+                                 quantize=quantize, progress=False, model_dir=str(base_dir))
+            assert needs_widening(model) == (dtype == torch.bfloat16)
+            train(model, processor, data, config, eval_data=data)  # lr 0: the adapters stay as initialised
+            models[dtype] = model
+        adapters = {n: p for n, p in models[torch.float32].named_parameters() if ".lora_" in n}
+        with torch.no_grad():  # peft initialised the bf16 model's adapters in bf16: give both the same
+            for name, param in adapters.items():
+                if ".lora_B." in name:  # B = 0 would leave A without gradient
+                    param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+            for name, param in models[torch.bfloat16].named_parameters():
+                if ".lora_" in name:
+                    assert param.dtype == torch.float32
+                    param.copy_(adapters[name])
+        grads = {}
+        for dtype, model in models.items():
+            torch.manual_seed(0)
+            with _MatmulDtypes() as products:
+                model.train()(**batch).loss.backward()
+            grads[dtype] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+            assert {d for _, d in products.seen} == {torch.float32}, products.seen
+    for name, grad in grads[torch.float32].items():
+        torch.testing.assert_close(grads[torch.bfloat16][name], grad, rtol=1e-4, atol=1e-6)
+    merged = paligemma.load_model(tmp_path / str(torch.bfloat16) / "final")
+    assert merged.dtype == torch.bfloat16 and {p.dtype for p in merged.parameters()} == {torch.bfloat16}

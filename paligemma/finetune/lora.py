@@ -144,6 +144,8 @@ def apply_lora(model: PaliGemma, rank: int = 8, alpha: float = 16.0, dropout: fl
             del module.qweight
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
+        if ".lora_" in name:
+            param.data = param.data.float()  # peft gives a bf16 base bf16 adapters: AdamW wants float32
     model.lora_config = config  # read back by save_adapter
     return model
 
@@ -207,9 +209,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     dtype = model.language_model.embed_tokens.weight.dtype
     state = {}
     for name, tensor in model.state_dict().items():
-        if ".lora_" in name or ".base_layer." in name and name.rsplit(".", 2)[0] in layers:
+        if ".lora_" in name or (".base_layer." in name and name.rsplit(".", 2)[0] in layers):
             continue  # adapters, and adapted bases: written merged below (a quantized base saves other names)
-        state[name] = tensor
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor  # widening.py's float32 norms
     with torch.no_grad():
         for name, layer in layers.items():
             base = _float_weight(layer.get_base_layer(), dtype)

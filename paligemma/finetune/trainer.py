@@ -46,6 +46,7 @@ from .freezing import count_trainable, set_trainable
 from .run_folder import FINAL_DIR, MetricsLog, SkipReport, claim, write_config
 from .schedule import build_optimizer, lr_at, set_lr
 from .step import train_step
+from .widening import needs_widening, widen_bf16
 
 
 @dataclass
@@ -249,6 +250,8 @@ def _choose_trainable(model: PaliGemma, config: TrainConfig) -> None:
             param.requires_grad_(".lora_" in name)
     else:
         set_trainable(model, config.freeze, config.attention_only)
+    if needs_widening(model):  # bf16 weights on a CPU without native bf16: float32 arithmetic
+        widen_bf16(model)
     model.vision_tower.gradient_checkpointing = config.gradient_checkpointing
     model.language_model.gradient_checkpointing = config.gradient_checkpointing
 
