@@ -133,12 +133,12 @@ def stream_generate(model: PaliGemma, processor, images, prompts: str | Sequence
     decoded = [_Row(processor.tokenizer, stops[p], max_new[p], tops[p]) for p in rows]
     pad = torch.tensor(processor.tokenizer.pad_id)
     for _ in range(max(max_new)):
-        choice = session.sample()
+        drawn = session.sample()
+        tokens, logprobs = drawn.tokens.tolist(), drawn.logprobs.tolist()
         for r, row in enumerate(decoded):
             if row.finish_reason is not None:
                 continue
-            top = _alternatives(choice, r, row.top_logprobs)
-            delta = row.add(int(choice.tokens[r]), float(choice.logprobs[r]), top)
+            delta = row.add(tokens[r], logprobs[r], _alternatives(drawn, r, row.top_logprobs))
             if row.finish_reason is None:
                 if delta:
                     yield StreamEvent(rows[r], delta, choice=choices[r])
@@ -148,14 +148,14 @@ def stream_generate(model: PaliGemma, processor, images, prompts: str | Sequence
         done = torch.tensor([row.finish_reason is not None for row in decoded])
         if bool(done.all()):
             return
-        session.advance(torch.where(done.to(choice.tokens.device), pad, choice.tokens))
+        session.advance(torch.where(done.to(drawn.tokens.device), pad, drawn.tokens))
 
 
-def _alternatives(choice: Choice, row: int, count: int) -> list[tuple[int, float]]:
+def _alternatives(drawn: Choice, row: int, count: int) -> list[tuple[int, float]]:
     """Row `row`'s `count` best (token id, log-prob) of the step; tokens that could not be drawn are left out."""
     if not count:
         return []
-    pairs = zip(choice.top_ids[row, :count].tolist(), choice.top_logprobs[row, :count].tolist())
+    pairs = zip(drawn.top_ids[row, :count].tolist(), drawn.top_logprobs[row, :count].tolist())
     return [(token, logprob) for token, logprob in pairs if logprob != float("-inf")]
 
 
