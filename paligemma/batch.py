@@ -142,8 +142,12 @@ def read_part(path: Path, truncate_torn_tail: bool = False) -> list[tuple[str | 
         with path.open("r+b") as file:
             file.truncate(end)
     records = []
-    for line in data[:end].decode("utf-8").splitlines():
-        records.append((json.loads(line)["id"], line))
+    for number, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), start=1):
+        try:
+            records.append((json.loads(line)["id"], line))
+        except (ValueError, TypeError, KeyError):  # only a hand-edited or damaged file has such a line
+            raise UsageError(f"{path}:{number} is not a record this command wrote: remove that line (the row is "
+                             "then answered again) or the whole file") from None
     return records
 
 

@@ -11,6 +11,7 @@ Options, the input and the output path are checked before the model loads. See d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
     check_output(out)
     rows = read_jsonl_rows(args.input) if args.input else folder_rows(args.images, args.prompt)
     shard = join_processes()
+    device = args.device
+    if shard.world_size > 1 and device == "cuda":  # one GPU per process on each machine, as torchrun numbers them
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
-        model, processor, codec = load(checkpoint_dir(args.model), args.dtype, args.device,
+        model, processor, codec = load(checkpoint_dir(args.model), args.dtype, device,
                                        optimize=not args.no_optimize, quantize=args.quantize,
                                        mask_codec=args.mask_codec)
         summary = run_batch(model, processor, rows, out, batch_size=args.batch_size,

@@ -117,6 +117,11 @@ def test_a_torn_batch_is_cut_off_and_a_restart_does_only_what_is_left(tiny, tmp_
     summary = run_batch(model, processor, rows, out, batch_size=2, max_new_tokens=4)
     assert (summary.skipped, summary.answered) == (3, 2)
     assert out.read_text() == reference.read_text()
+    damaged = tmp_path / "damaged.jsonl"
+    parts_dir(damaged).mkdir()
+    (parts_dir(damaged) / "rank-00000-of-00001.jsonl").write_text(lines[0] + "\n" + "not a record\n")
+    with pytest.raises(UsageError, match=r"rank-00000-of-00001.jsonl:2 is not a record"):
+        completed_ids(damaged)
 
 
 def test_two_processes_under_torchrun_equal_one(tiny, tmp_path, tiny_checkpoint_dir):
