@@ -40,19 +40,15 @@ the answer of a trained model and `<image>`'s row is replaced by image features)
 `BIG_VISION_VOCAB` rows, so a file from a released-shape model loads in big_vision as is.
 
 Dtypes: float32, float16, and bfloat16 stored the way numpy saves jax/ml_dtypes bfloat16 arrays (raw
-2-byte void, `|V2`); files are read with `np.load(allow_pickle=False)` only. Nothing here knows the
-model class: `load_npz_weights` fills a model built by loading.py, as checkpoint_layout.load_weights does.
+2-byte void, `|V2`). Reading and writing the files is npz_io.py's (`np.load(allow_pickle=False)` only,
+one array in memory at a time). Nothing here knows the model class: `load_npz_weights` fills a model
+built by loading.py, as checkpoint_layout.load_weights does.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import warnings
-import zipfile
-from collections import Counter
-from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -62,10 +58,9 @@ from torch import nn
 from .config import PaliGemmaConfig
 from .errors import UsageError
 from .hub import CheckpointError
+from .npz_io import NpzArrays, as_float, majority_dtype, to_numpy, write_npz
 
 BIG_VISION_VOCAB = 257_152  # rows of big_vision's PaliGemma embedder (see module docstring)
-_VOID_BF16 = np.dtype("V2")  # how np.save stores an ml_dtypes bfloat16 array
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
 
 # ---------------------------------------------------------------------- the mapping, both ways
 #
@@ -189,7 +184,7 @@ def big_vision_to_state_dict(arrays: Mapping[str, np.ndarray], config: PaliGemma
     """
     _check_keys(arrays, config)
     if dtype is None:
-        dtype = _majority_dtype(arrays)
+        dtype = majority_dtype(arrays)
         if dtype == torch.float16:  # as load_weights does for safetensors
             warnings.warn("the big_vision checkpoint stores float16 weights: loading them as float32, because "
                           "Gemma's activations overflow float16 (pass dtype=torch.float16 to keep it, or "
@@ -213,11 +208,11 @@ def big_vision_to_state_dict(arrays: Mapping[str, np.ndarray], config: PaliGemma
             _check_layers(key, array, layers[key[:3]])
         for ours, fn, part in tensors:
             try:  # one layer's slice at a time: a bfloat16 file is widened a slice, not a tensor, at a time
-                state[ours] = _tensor(fn(_as_numeric(array[part])), dtype)
+                state[ours] = _tensor(fn(as_float(array[part])), dtype)
             except (ValueError, IndexError) as err:
                 raise CheckpointError(f"{key} has shape {array.shape}, which does not give {ours} ({err})") from None
         del array  # the next key's array replaces it: memory stays near one copy of the weights
-    state["language_model.embed_tokens.weight"] = _padded_embedding(_as_numeric(arrays[_EMBEDDING]), config, dtype)
+    state["language_model.embed_tokens.weight"] = _padded_embedding(as_float(arrays[_EMBEDDING]), config, dtype)
     return state
 
 
@@ -271,7 +266,7 @@ def state_dict_to_big_vision(state: Mapping[str, torch.Tensor], config: PaliGemm
         else:  # (L, 2 or 3, ...): layer first, then the fused axis
             out[key] = np.stack([np.stack([parts[j][i] for j in sorted(parts)])
                                  for i in range(config.text.num_hidden_layers)])
-    out[_EMBEDDING] = _numpy(take("language_model.embed_tokens.weight")[:vocab_size])
+    out[_EMBEDDING] = to_numpy(take("language_model.embed_tokens.weight")[:vocab_size])
     left = sorted(set(state) - used)
     if left:
         raise CheckpointError(f"tensors with no big_vision place: {', '.join(left[:8])}")
@@ -280,7 +275,7 @@ def state_dict_to_big_vision(state: Mapping[str, torch.Tensor], config: PaliGemm
 
 def _to_big_vision(key: str, weight: torch.Tensor, config: PaliGemmaConfig) -> np.ndarray:
     """One tensor (one layer's) in our layout -> big_vision's layout for `key` (the inverse of the rules)."""
-    a = _numpy(weight)
+    a = to_numpy(weight)
     vision, text = config.vision, config.text
     if key == "img/embedding/kernel":
         return a.transpose(2, 3, 1, 0)  # (D, C, p, p) -> (p, p, C, D)
@@ -305,110 +300,6 @@ def _to_big_vision(key: str, weight: torch.Tensor, config: PaliGemmaConfig) -> n
 
 
 # ---------------------------------------------------------------------- files
-
-class NpzArrays(Mapping):
-    """A big_vision `.npz` as key -> array in the scanned layout ("params/" dropped, per-layer subtrees
-    such as `encoderblock_3/...` or `llm/layers/3/...` stacked), each array read from the file when
-    asked and not kept, so a conversion that takes one key at a time holds one array at a time.
-    Only `np.load(allow_pickle=False)`: an object array is refused, never unpickled."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"big_vision checkpoint {self.path} does not exist")
-        try:
-            self._npz = np.load(self.path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise CheckpointError(f"{self.path} is not a readable .npz checkpoint ({err})") from None
-        if not isinstance(self._npz, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{self.path} holds one array, not a big_vision params tree (.npz)")
-        self._members = _members(self._npz.files)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        names, stacked = self._members[key]
-        try:
-            arrays = [self._npz[name] for name in names]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # pickled objects, truncation
-            raise CheckpointError(f"{self.path}: {names[0]} is not readable ({err}); big_vision checkpoints are "
-                                  "read with allow_pickle=False") from None
-        return np.stack(arrays) if stacked else arrays[0]
-
-    def __contains__(self, key) -> bool:  # Mapping's would read the array
-        return key in self._members
-
-    def __iter__(self):
-        return iter(self._members)
-
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def dtype_sizes(self) -> list[tuple[np.dtype, int]]:
-        """(dtype, element count) of every stored array, from the .npy headers (nothing is read)."""
-        out = []
-        for name in self._npz.files:
-            with self._npz.zip.open(name + ".npy") as f:
-                version = np.lib.format.read_magic(f)
-                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shape, _, dtype = reader(f)
-            out.append((dtype, math.prod(shape)))
-        return out
-
-    def close(self) -> None:
-        self._npz.close()
-
-    def __enter__(self) -> "NpzArrays":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of a big_vision `.npz`, read at once (`NpzArrays` reads them one by one)."""
-    with NpzArrays(path) as arrays:
-        return {key: arrays[key] for key in arrays}
-
-
-def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write `arrays` as an uncompressed .npz, atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise CheckpointError(f"{path}: a big_vision checkpoint file name ends in .npz")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; remove it or choose another name")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # a file object: np.savez would append ".npz" to a name
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-_UNSCANNED = [(re.compile(r"^img/Transformer/encoderblock_(\d+)/(.+)$"), "img/Transformer/encoderblock/"),
-              (re.compile(r"^llm/layers/(\d+)/(.+)$"), "llm/layers/")]
-
-
-def _members(files: list[str]) -> dict[str, tuple[list[str], bool]]:
-    """Scanned key -> (the .npz members holding it, whether they are per-layer members to stack)."""
-    members, groups = {}, {}
-    for name in files:
-        key = name.removeprefix("params/")
-        for pattern, prefix in _UNSCANNED:
-            if match := pattern.match(key):
-                groups.setdefault(prefix + match.group(2), {})[int(match.group(1))] = name
-                break
-        else:
-            members[key] = ([name], False)
-    for key, layers in groups.items():
-        if key in members or sorted(layers) != list(range(len(layers))):
-            raise CheckpointError(f"{key}: per-layer tensors for layers {sorted(layers)}, expected 0..N-1 "
-                                  "and no scanned tensor of the same name")
-        members[key] = ([layers[i] for i in range(len(layers))], True)
-    return members
-
 
 def load_npz_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
                      device: str | torch.device = "cpu") -> None:
@@ -452,36 +343,9 @@ def _check_layers(key: str, stacked: np.ndarray, count: int) -> None:
         raise CheckpointError(f"{key} has shape {stacked.shape}: expected {count} layers stacked on the first axis")
 
 
-def _as_numeric(a: np.ndarray) -> np.ndarray:
-    """bfloat16 raw bits (`|V2`) widened exactly to float32 (the bits are float32's upper half); floats unchanged."""
-    if a.dtype == _VOID_BF16:
-        return (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if a.dtype not in (np.float32, np.float16, np.float64):
-        raise CheckpointError(f"unsupported dtype {a.dtype} in the big_vision checkpoint (floats only)")
-    return a
-
-
 def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     # A copy: a view would keep the whole stacked array it slices alive.
     return torch.from_numpy(np.array(a, order="C", copy=True)).to(dtype)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(_VOID_BF16)
-    if t.dtype not in _NUMPY_DTYPES:
-        raise CheckpointError(f"cannot write {t.dtype} tensors to a big_vision checkpoint (float32, float16, bfloat16)")
-    return t.contiguous().numpy()
-
-
-def _majority_dtype(arrays: Mapping[str, np.ndarray]) -> torch.dtype:
-    counts = Counter()
-    sizes = arrays.dtype_sizes() if isinstance(arrays, NpzArrays) else [(a.dtype, a.size) for a in arrays.values()]
-    for dtype, size in sizes:
-        counts[dtype] += size
-    name = counts.most_common(1)[0][0]
-    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-            _VOID_BF16: torch.bfloat16}.get(name, torch.float32)
 
 
 def npz_config(config: PaliGemmaConfig | str | os.PathLike | None) -> PaliGemmaConfig:

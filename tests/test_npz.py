@@ -18,9 +18,10 @@ import torch
 from tiny_models import TINY_CONFIGS, random_batch, write_hf_checkpoint
 
 from paligemma import CheckpointError, UsageError, load_model
-from paligemma.bigvision_npz import BIG_VISION_VOCAB, NpzArrays, expected_keys, npz_config, read_npz, save_npz
+from paligemma.bigvision_npz import BIG_VISION_VOCAB, expected_keys, npz_config, save_npz
 from paligemma.cli import main as cli_main
 from paligemma.config import PaliGemmaConfig
+from paligemma.npz_io import NpzArrays, read_npz
 
 
 def _big_vision_tree(hf_state: dict, config: PaliGemmaConfig, bf16: bool = False, scanned: bool = True) -> dict:
