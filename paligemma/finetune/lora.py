@@ -207,9 +207,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our plain parameter names -> tensors with every adapter folded in (W + delta); others shared."""
     layers = _lora_layers(model)
     dtype = model.language_model.embed_tokens.weight.dtype
+    adapted_bases = tuple(f"{name}.base_layer." for name in layers)
     state = {}
     for name, tensor in model.state_dict().items():
-        if ".lora_" in name or (".base_layer." in name and name.rsplit(".", 2)[0] in layers):
+        if ".lora_" in name or name.startswith(adapted_bases):
             continue  # adapters, and adapted bases: written merged below (a quantized base saves other names)
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor  # widening.py's float32 norms
     with torch.no_grad():
