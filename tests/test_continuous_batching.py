@@ -2,7 +2,8 @@
 
 Gemma 1 and Gemma 2 (sliding window shorter than the answers, so a misaligned cache would change
 the tokens), greedy and seeded sampling, a short request finishing during a long one, at most one
-prefill between two decode steps, and the KV-cache surgery underneath (`KVCache.take_rows`).
+prefill between two decode steps, prefills cut into pieces of layers (bit for bit `model.prefill`),
+and the KV-cache surgery underneath (`KVCache.take_rows`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tiny_models import write_complete_checkpoint
 from paligemma import generate_detailed, load_model, load_processor
 from paligemma.sampling import SamplingParams
 from paligemma.server.batcher import BatchEngine, ImageData, Job
-from paligemma.server.running_batch import RunningBatch
+from paligemma.server.running_batch import PrefillInSteps, RunningBatch
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +214,60 @@ def test_take_rows_moves_rows_of_caches_of_different_lengths_to_one_write_slot(g
         torch.testing.assert_close(together[row], alone[i][0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="fills more than"):
         model.new_cache(1, 40).take_rows([(merged, torch.tensor([1]))], 3)
+
+
+@pytest.mark.parametrize("family", ["gemma1", "gemma2"])
+def test_a_prefill_in_pieces_of_layers_is_model_prefill_bit_for_bit(family, request):
+    model, processor = request.getfixturevalue(family)
+    inputs = processor(images=[_image(3).rgb], prompts=["answer en how many circles are there?"])
+    features = model.encode_images(inputs["pixel_values"])
+    whole = model.new_cache(1, inputs["input_ids"].shape[1])
+    expected = model.prefill(inputs["input_ids"], inputs["attention_mask"], whole, image_features=features)
+    for layers_per_step in (1, 2, len(model.language_model.layers)):
+        pieces = PrefillInSteps(model, inputs["input_ids"], inputs["attention_mask"], features, layers_per_step)
+        steps = 1
+        while not pieces.step():
+            steps += 1
+        assert steps == -(-len(model.language_model.layers) // layers_per_step)
+        assert torch.equal(pieces.logits, expected)
+        for mine, theirs in zip(pieces.cache.keys + pieces.cache.values, whole.keys + whole.values):
+            assert torch.equal(mine, theirs)
+        assert torch.equal(pieces.cache.valid, whole.valid) and pieces.cache.length == whole.length
+
+
+def test_joining_rows_prefilled_a_layer_per_step_answer_as_alone_and_interleave(gemma2, monkeypatch):
+    model, processor = gemma2
+    log = []
+    for index, layer in enumerate(model.language_model.layers):
+        def forward(x, *args, original=layer.forward, index=index, **kwargs):
+            if x.shape[1] > 1:  # a prompt's layer, not a decode step's
+                log.append(f"layer{index}")
+            return original(x, *args, **kwargs)
+        monkeypatch.setattr(layer, "forward", forward)
+    decode = model.decode_step
+
+    def logged_decode(tokens, *args):
+        log.append(f"decode{tokens.shape[0]}")
+        return decode(tokens, *args)
+
+    monkeypatch.setattr(model, "decode_step", logged_decode)
+    engine = BatchEngine(model, processor, max_batch_size=4, batch_window_s=0, prefill_layers_per_step=1).start()
+    first = Job("caption en", [_image(0)], 30, Events())
+    second = Job("describe en", [_image(1)], 10, Events(), temperature=0.9, seed=5)
+    try:
+        engine.submit(first)
+        _wait(lambda: first.deliver.count >= 1 or first.deliver.done.is_set())
+        engine.submit(second)
+        assert first.deliver.done.wait(60) and second.deliver.done.wait(60)
+    finally:
+        engine.stop()
+    layers = len(model.language_model.layers)
+    joined = log.index("layer0", log.index(f"layer{layers - 1}") + 1)  # the second request's prefill
+    # Each of its layers ran between two decode steps of the first request, not all at once; after its
+    # last layer it decodes with the first one.
+    pieces = log[joined:joined + 2 * layers]
+    assert pieces[::2] == [f"layer{i}" for i in range(layers)]
+    assert pieces[1::2] == ["decode1"] * (layers - 1) + ["decode2"]
+    for job in (first, second):
+        alone = _alone(model, processor, job)
+        assert job.deliver.result.token_ids == alone.token_ids and job.deliver.text == alone.text

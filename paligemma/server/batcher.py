@@ -11,8 +11,9 @@ Continuous batching, as vLLM and TGI schedule: the worker loops over
 So a request that arrives while others decode starts at the next step instead of waiting for the
 whole batch, and a short answer never waits for a long one. At most one prefill runs between two
 decode steps: a running row's next token is delayed by at most one request's image encode and
-prefill (docs/server.md, "Batching", has the measured figures). The prefix attends to itself in
-both directions, so a prefill cannot be split into chunks without changing the answer.
+prefill. With `prefill_layers_per_step` N > 0 the prefill itself is cut into pieces of N decoder
+layers, one piece between two decode steps (exact: `running_batch.PrefillInSteps`), so the delay
+is at most the image encode or N layers' share of a prefill (docs/server.md, "Batching").
 
 Requests are admitted oldest first (a request that does not fit the cache yet holds the ones behind
 it, so nothing starves). Every setting (max_tokens, temperature, top_p, top_k, stop strings, seed)
@@ -124,10 +125,13 @@ class BatchEngine:
     """Owns the model; `submit` jobs from any thread, results come back through each job's `deliver`."""
 
     def __init__(self, model: PaliGemma, processor: Processor, max_batch_size: int = 8, image_cache_size: int = 32,
-                 batch_window_s: float = 0.005, max_queue: int = 64):
-        if max_batch_size < 1 or max_queue < 1 or image_cache_size < 0 or batch_window_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, image_cache_size and batch window >= 0")
+                 batch_window_s: float = 0.005, max_queue: int = 64, prefill_layers_per_step: int = 0):
+        if max_batch_size < 1 or max_queue < 1 or min(image_cache_size, batch_window_s, prefill_layers_per_step) < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, image_cache_size, batch window and "
+                             "prefill_layers_per_step >= 0")
         self.model, self.processor = model, processor
+        self.prefill_layers_per_step = prefill_layers_per_step  # 0: a whole prefill in one step
+        self.joining = None  # the row whose prefill runs in pieces, until it joins the batch
         self.max_batch_size, self.batch_window_s, self.max_queue = max_batch_size, batch_window_s, max_queue
         self.cache = ImageFeatureCache(model, processor, image_cache_size)
         self.batch = RunningBatch(model)
@@ -189,12 +193,14 @@ class BatchEngine:
 
     def _worker(self) -> None:
         while self._wait_for_work():
-            job = self._next_job()
-            if job is not None:
+            if self.joining is not None:
+                self._continue_prefill()
+            elif (job := self._next_job()) is not None:
                 self._admit(job)
             if len(self.batch):
                 self._step()
-        for row in self.batch.clear():
+        joining = [self.joining.row] if self.joining is not None else []
+        for row in self.batch.clear() + joining:
             row.job.deliver(RuntimeError("the server is shutting down"))
 
     def _wait_for_work(self) -> bool:
@@ -202,7 +208,7 @@ class BatchEngine:
         `batch_window_s` after a request arrives, so that requests sent together start together."""
         with self.condition:
             idle = not len(self.batch)
-            while self.running and not self.queue and not len(self.batch):
+            while self.running and not self.queue and not len(self.batch) and self.joining is None:
                 self.condition.wait()
             if not self.running:
                 return False
@@ -235,14 +241,44 @@ class BatchEngine:
                 raise ValueError(f"prompt + max_tokens {job.max_tokens} exceed the context of {self.context_length}")
             row = _LiveRow(job, _Row(self.processor.tokenizer, job.stop, job.max_tokens, job.top_logprobs),
                            int(inputs["attention_mask"].sum()), {"encode_images": encoded - start, "decode": 0.0})
-            row.timings["prefill"] = self.batch.add(
-                row, inputs["input_ids"], inputs["attention_mask"], features,
-                SamplingParams(job.temperature, job.top_p, job.top_k), job.seed, job.max_tokens, job.top_logprobs)
+            settings = (SamplingParams(job.temperature, job.top_p, job.top_k), job.seed, job.max_tokens,
+                        job.top_logprobs)
+            if self.prefill_layers_per_step:  # the encode was this step; the prefill's pieces are the next ones
+                self.joining = self.batch.begin(row, inputs["input_ids"], inputs["attention_mask"], features,
+                                                *settings, layers_per_step=self.prefill_layers_per_step)
+                return
+            row.timings["prefill"] = self.batch.add(row, inputs["input_ids"], inputs["attention_mask"], features,
+                                                    *settings)
         except Exception as err:  # a bad request or a model failure: fail this job, keep serving the others
-            log.exception("prefill failed")
-            self.counters["failed_prefills"] += 1
-            job.deliver(err)
+            self._prefill_failed(job, err)
             return
+        self._joined(row)
+
+    def _continue_prefill(self) -> None:
+        """Run the next piece of the joining row's prefill (it joins after the last one)."""
+        joining, self.joining = self.joining, None
+        job = joining.row.job
+        if job.cancelled.is_set():
+            self.counters["rows_cancelled"] += 1
+            return
+        try:
+            joined = self.batch.prefill_step(joining)
+        except Exception as err:
+            self._prefill_failed(job, err)
+            return
+        if not joined:
+            self.joining = joining
+            return
+        joining.row.timings["prefill"] = joining.seconds
+        self._joined(joining.row)
+
+    def _prefill_failed(self, job: Job, err: Exception) -> None:
+        """A bad request or a model failure: fail this job, keep serving the others."""
+        log.exception("prefill failed")
+        self.counters["failed_prefills"] += 1
+        job.deliver(err)
+
+    def _joined(self, row: "_LiveRow") -> None:
         self.counters["prefills"] += 1
         self.counters["prompt_tokens"] += row.prompt_tokens
         self.counters["max_batch_size"] = max(self.counters["max_batch_size"], len(self.batch))

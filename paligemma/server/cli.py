@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-window-ms", type=float, default=5.0,
                         help="when idle, wait this long after a request arrives for others to start with it "
                         "(default 5)")
+    parser.add_argument("--prefill-layers-per-step", type=int, default=0, metavar="N",
+                        help="run a joining request's prefill N decoder layers at a time, with a decode step of the "
+                        "running requests between pieces, so their streams pause for less (default 0: the whole "
+                        "prefill in one step)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 "
                         "(default 64)")
     parser.add_argument("--max-tokens-cap", type=int, default=256,
@@ -72,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
                  "decode_concurrency", "max_prompt_chars"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.image_cache_size < 0 or args.batch_window_ms < 0 or not 0 < args.port < 65536:
-        raise UsageError("--image-cache-size and --batch-window-ms must be >= 0, --port in 1..65535")
+    if min(args.image_cache_size, args.batch_window_ms, args.prefill_layers_per_step) < 0 or not 0 < args.port < 65536:
+        raise UsageError("--image-cache-size, --batch-window-ms and --prefill-layers-per-step must be >= 0, "
+                         "--port in 1..65535")
     if min(args.max_body_mb, args.remote_image_max_mb, args.remote_image_timeout) <= 0:
         raise UsageError("--max-body-mb, --remote-image-max-mb and --remote-image-timeout must be > 0")
     try:
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = BatchEngine(model, processor, max_batch_size=args.max_batch_size,
                          image_cache_size=args.image_cache_size, batch_window_s=args.batch_window_ms / 1000,
-                         max_queue=args.max_queue)
+                         max_queue=args.max_queue, prefill_layers_per_step=args.prefill_layers_per_step)
     mib = 1024 * 1024
     settings = ServerSettings(
         model_name=args.model_name or directory.name, api_key=api_key, metrics_key=metrics_key,

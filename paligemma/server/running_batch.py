@@ -6,6 +6,12 @@ Tensor-level and single-threaded (the engine's worker thread drives it; no token
     choice = batch.sample()                     # the next token of every row, each from its own generator
     batch.advance(tokens, keep)                 # rows not kept leave; the others decode one token
 
+or, to bound how long a joining row's prefill holds up the running rows, in pieces of a few
+decoder layers (`PrefillInSteps`), one piece between two decode steps:
+
+    joining = batch.begin(row, ..., layers_per_step=3)   # then, between decode steps:
+    batch.prefill_step(joining)                          # True once the row has joined
+
 Every row shares one KV cache, right-aligned: all rows write their next token at the same slot
 (`KVCache.take_rows`). A joining row is prefilled alone in a cache of its own, exactly as
 `generate` prefills it, then moved in; when rows leave, the cache is rebuilt from the rows that stay,
@@ -22,9 +28,49 @@ import time
 
 import torch
 
+from ..attention_mask import prefix_lm_mask
+from ..gemma import rotary_cos_sin
 from ..kv_cache import KVCache
 from ..model import PaliGemma
 from ..sampling import Choice, SamplingParams, choose_next, make_generators
+
+
+class PrefillInSteps:
+    """`model.prefill` of one prompt, `layers_per_step` decoder layers per `step()`.
+
+    A prefill cannot be cut by tokens: the prefix (image tokens and prompt) attends to itself in
+    both directions, so the first token's output needs every later token's keys. Cut by layers it
+    stays exact: each piece runs whole layers over the whole prompt, the same operations in the
+    same order as `PaliGemma.run_decoder`, only spread over several steps, so the logits and the
+    cache are bit for bit `model.prefill`'s (tests/test_continuous_batching.py checks it).
+    """
+
+    def __init__(self, model: PaliGemma, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 image_features: torch.Tensor | None, layers_per_step: int):
+        device, decoder = model.device, model.language_model
+        self.model, self.layers_per_step, self.next_layer = model, layers_per_step, 0
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        valid = attention_mask.bool()  # the whole prompt is the prefix, as in `model.prefill`
+        self.cache = model.new_cache(1, input_ids.shape[1])
+        with torch.no_grad():
+            self.hidden = model.embed(input_ids, image_features)  # (1, T, D)
+            self.slots = self.cache.reserve(input_ids.shape[1], valid, valid)
+            self.masks = {window: prefix_lm_mask(self.slots, valid, self.cache.valid, self.cache.is_prefix, window,
+                                                 self.hidden.dtype) for window in decoder.attention_windows}
+            self.rotary = rotary_cos_sin(attention_mask.long().cumsum(-1), decoder.config.head_dim,
+                                         decoder.config.rope_theta, self.hidden.dtype)
+        self.logits: torch.Tensor | None = None  # (1, V) once every layer has run
+
+    def step(self) -> bool:
+        """Run the next `layers_per_step` layers; True once the prefill is complete."""
+        decoder = self.model.language_model
+        with torch.no_grad():
+            for layer in decoder.layers[self.next_layer:self.next_layer + self.layers_per_step]:
+                self.hidden = layer(self.hidden, self.rotary, self.masks, self.cache, self.slots)
+            self.next_layer += self.layers_per_step
+            if self.next_layer >= len(decoder.layers):
+                self.logits = self.model.logits(decoder.norm(self.hidden)[:, -1])
+        return self.logits is not None
 
 
 class RunningBatch:
@@ -57,22 +103,47 @@ class RunningBatch:
         """Prefill one prompt (1, T) alone and join it to the batch; returns the prefill's seconds."""
         start = time.perf_counter()
         device = self.model.device
-        prompt_tokens = int(attention_mask.sum())
         single = self.model.new_cache(1, input_ids.shape[1])
         logits = self.model.prefill(input_ids.to(device), attention_mask.to(device), single,
                                     image_features=image_features)
         seconds = time.perf_counter() - start
+        self._join(_Joining(row, int(attention_mask.sum()), params, seed, max_new_tokens, top_logprobs), single,
+                   logits)
+        return seconds
+
+    def begin(self, row, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
+              params: SamplingParams, seed: int | None, max_new_tokens: int, top_logprobs: int = 0,
+              layers_per_step: int = 1) -> "_Joining":
+        """Start a prefill in pieces of `layers_per_step` decoder layers; `prefill_step` runs them."""
+        joining = _Joining(row, int(attention_mask.sum()), params, seed, max_new_tokens, top_logprobs)
+        joining.prefill = PrefillInSteps(self.model, input_ids, attention_mask, image_features, layers_per_step)
+        return joining
+
+    def prefill_step(self, joining: "_Joining") -> bool:
+        """Run `joining`'s next piece of prefill, and join it to the batch once its prefill is complete and
+        the cache can hold it (else it waits for rows to leave); True once it has joined."""
+        start = time.perf_counter()
+        prefill = joining.prefill
+        done = prefill.logits is not None or prefill.step()
+        joining.seconds += time.perf_counter() - start
+        if not done or (len(self) and not self.fits(joining.prompt_tokens, joining.max_new_tokens)):
+            return False
+        self._join(joining, prefill.cache, prefill.logits)
+        joining.prefill = None
+        return True
+
+    def _join(self, joining: "_Joining", single: KVCache, logits: torch.Tensor) -> None:
+        """Move a prefilled row (its cache `single`, next-token logits (1, V)) into the batch."""
         # Before its next sample, a row writes at most left - 1 more tokens: its last one is never fed back.
         self._rebuild([(self.cache, torch.arange(len(self.rows))), (single, torch.zeros(1, dtype=torch.long))],
-                      max(self._span(), prompt_tokens), max(self.left + [max_new_tokens]) - 1)
+                      max(self._span(), joining.prompt_tokens), max(self.left + [joining.max_new_tokens]) - 1)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-        self.positions = torch.cat([self.positions, torch.tensor([prompt_tokens], device=device)])
-        self.rows.append(row)
-        self.params.append(params)
-        self.generators += make_generators(seed, 1)
-        self.left.append(max_new_tokens)
-        self.top_logprobs.append(top_logprobs)
-        return seconds
+        self.positions = torch.cat([self.positions, torch.tensor([joining.prompt_tokens], device=self.model.device)])
+        self.rows.append(joining.row)
+        self.params.append(joining.params)
+        self.generators += make_generators(joining.seed, 1)
+        self.left.append(joining.max_new_tokens)
+        self.top_logprobs.append(joining.top_logprobs)
 
     def sample(self) -> Choice:
         """The next token of every row (R,) from its latest logits, with log-probs (and alternatives)."""
@@ -123,3 +194,14 @@ class RunningBatch:
         cache = self.model.new_cache(sum(len(rows) for _, rows in parts), length + max(room, 0))
         cache.take_rows(parts, length)
         self.cache = cache
+
+
+class _Joining:
+    """A row on its way into the batch: its settings, and its prefill while it runs in pieces."""
+
+    def __init__(self, row, prompt_tokens: int, params: SamplingParams, seed: int | None, max_new_tokens: int,
+                 top_logprobs: int):
+        self.row, self.prompt_tokens, self.params, self.seed = row, prompt_tokens, params, seed
+        self.max_new_tokens, self.top_logprobs = max_new_tokens, top_logprobs
+        self.prefill: PrefillInSteps | None = None
+        self.seconds = 0.0  # prefill time so far
