@@ -13,6 +13,7 @@ done
 CLOSED=(--clients 8 --duration 60 --stream --seed 1 "${MIX[@]}")
 python benchmarks/load_test.py "${CLOSED[@]}" > $OUT/load-after_closed.txt 2>&1
 python benchmarks/load_test.py --server-root /tmp/old "${CLOSED[@]}" > $OUT/load-before_closed.txt 2>&1
+python benchmarks/load_test.py "${CLOSED[@]}" -- --prefill-layers-per-step 1 > $OUT/load-after_closed_layers1.txt 2>&1
 # paligemma batch: 200 held-out demo scenes, "caption en" (rows.jsonl made by make_scenes.py)
 python $OUT/make_scenes.py /tmp/bm 200
 ( time python -m paligemma batch --input /tmp/bm/rows.jsonl --out /tmp/bm/out0.jsonl --batch-size 8 --no-progress ) \
