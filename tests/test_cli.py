@@ -352,7 +352,7 @@ def test_finetune_module_entry_point_has_the_same_exit_codes(capsys, tmp_path):
 @pytest.mark.parametrize("extra, phrase", [
     (["--max-new-tokens", "100000"], "exceeds the model's context"),
     (["--stop", ""], "stop strings must be non-empty"),
-    (["--prompt", "<image> caption en"], "contains '<image>'"),
+    (["--prompt", "caption <image> en"], "contains '<image>'"),  # a leading <image> is accepted (processor.py)
     (["--prompt", "segment cat", "--mask-codec", "missing.npz"], "--mask-codec missing.npz does not exist"),
 ])
 def test_library_user_errors_exit_2(capsys, tiny_checkpoint_dir, image_file, extra, phrase):
