@@ -168,7 +168,9 @@ def test_detect_prompt_carries_boxes_in_original_pixels(server, client, tiny, ph
     choice = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
     assert choice["message"]["content"] == "<loc0100><loc0200><loc0500><loc0900> circle"
     box = [200 / 1023 * width, 100 / 1023 * height, 900 / 1023 * width, 500 / 1023 * height]
-    assert choice["paligemma"]["detections"] == [{"label": "circle", "box": pytest.approx(box)}]
+    # The scripted tokens have probability ~1, so the box's score (their product) is ~1.
+    assert choice["paligemma"]["detections"] == [{"label": "circle", "box": pytest.approx(box),
+                                                  "score": pytest.approx(1.0)}]
     assert choice["paligemma"]["detection_errors"] == []
 
     calls.clear()
@@ -211,11 +213,14 @@ def test_segment_prompt_carries_masks_when_the_server_has_a_codec(server, tiny, 
     expected = parse_segmentations(answer, photos["coffee"].size, codec)
     extension = choice["paligemma"]
     assert choice["message"]["content"] == answer
+    scores = [segmentation.pop("score") for segmentation in extension["segmentations"]]
+    assert scores == [pytest.approx(1.0)]  # the scripted tokens have probability ~1
     assert extension["segmentations"] == json.loads(json.dumps([o.as_json() for o in expected.objects]))
     assert extension["segmentation_errors"] == [] and extension["image_size"] == list(photos["coffee"].size)
     [segment] = extension["segmentations"]
     mask = rle_to_mask(segment["mask_rle"])
     assert segment["label"] == "circle" and mask.shape == photos["coffee"].size[::-1]
+    extension["segmentations"][0]["score"] = scores[0]
     assert chunks[-1]["choices"][0]["paligemma"] == extension
 
 
@@ -353,9 +358,10 @@ BAD_BODIES = {
                                                     {"type": "image_url", "image_url": PNG_1PX}]), 400, "messages"),
 }
 BAD_FIELDS = {
-    "n": (2, "n"), "temperature": ("hot", "temperature"), "top_p": (0, "top_p"), "top_k": (-1, "top_k"),
+    "n": (99, "n"), "top_logprobs": (21, "top_logprobs"), "constrain": ("no", "constrain"),
+    "min_score": (1.5, "min_score"), "temperature": ("hot", "temperature"), "top_p": (0, "top_p"), "top_k": (-1, "top_k"),
     "max_tokens": (CAP + 1, "max_tokens"), "max_completion_tokens": (0, "max_completion_tokens"),
-    "seed": (1.5, "seed"), "stop": ([""], "stop"), "stream": ("yes", "stream"), "logprobs": (True, "logprobs"),
+    "seed": (1.5, "seed"), "stop": ([""], "stop"), "stream": ("yes", "stream"), "logprobs": ("yes", "logprobs"),
 }
 
 
@@ -397,7 +403,7 @@ def test_malformed_json_too_large_bodies_and_unknown_routes(server):
 
 def test_the_openai_client_sees_bad_requests_as_such(client, photos):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="tiny", n=2, messages=image_message("caption en", PNG_1PX))
+        client.chat.completions.create(model="tiny", n=99, messages=image_message("caption en", PNG_1PX))
     assert caught.value.body["param"] == "n"
 
 

@@ -1,7 +1,13 @@
 """The FastAPI application: OpenAI-compatible chat completions over a `BatchEngine`, and the web page.
 
 Routes: POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus),
-GET / (web page).
+GET / (web page), GET /example.png (the bundled example image the page can load).
+
+A request's `n` answers are `n` jobs of the engine, each its own row of the running batch with the
+seed the library gives that answer (`sampling.choice_seed`); they share the image features through
+the engine's image cache. `logprobs` / `top_logprobs` come from each row's own log-probs, in
+OpenAI's shape; detect and segment prompts are constrained to well-formed answers unless the
+request (`"constrain": false`) or the server (`--no-constrain`) says otherwise.
 Every error is answered as `{"error": {"message", "type", "param", "code"}}`. Request handlers
 only parse, fetch and decode (in worker threads); the model is touched by the engine's thread alone.
 
@@ -21,6 +27,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -28,24 +35,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..generation import GenerationResult, StreamEvent
+from ..constrained import TASKS, AnswerGrammar
+from ..errors import PaliGemmaError
+from ..generation import GenerationResult
 from ..images import ImageError, ImageProcessor, image_size
+from ..sampling import choice_seed
 from ..segmentation import parse_segmentations
-from ..tasks import parse_detections, prompt_task
-from .batcher import BatchEngine, ImageData, Job, QueueFullError
+from ..tasks import filter_detections, parse_detections, prompt_task
+from .batcher import BatchEngine, ImageData, Job, QueueFullError, RowEvent
 from .image_sources import FetchLimits, ImageSourceError, read_image_url
 from .metrics import ServerMetrics
 from .schemas import APIError, ChatRequest, RequestLimits, parse_chat_request
 
 log = logging.getLogger("paligemma.server")
 STATIC_DIR = Path(__file__).parent / "static"
+EXAMPLE_IMAGE = Path(__file__).parent.parent / "assets" / "example.png"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte-fallback pieces
 _FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
 CHAT_PATH = "/v1/chat/completions"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -69,6 +81,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
     request: RequestLimits = RequestLimits()
     fetch: FetchLimits = FetchLimits()
+    constrain: bool = True  # detect/segment prompts decode constrained unless a request says "constrain": false
 
 
 def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(), mask_codec=None) -> FastAPI:
@@ -126,6 +139,10 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
     async def index():
         return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
 
+    @app.get("/example.png")
+    async def example_image():
+        return FileResponse(EXAMPLE_IMAGE, media_type="image/png")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_name}
@@ -157,17 +174,18 @@ def create_app(engine: BatchEngine, settings: ServerSettings = ServerSettings(),
         with admission:
             chat = parse_chat_request(await _read_json(request, settings.max_body_bytes), settings.request)
             max_tokens = await run_in_threadpool(_max_tokens, chat, engine, len(chat.image_urls), settings.request)
+            grammar = await run_in_threadpool(_grammar, chat, engine, settings.constrain)
             images = await run_in_threadpool(_load_images, chat.image_urls, settings.fetch, resizer, decode_slots)
             chat.image_urls = []  # the encoded images (up to the body size) are not kept while queued
             completion = _Completion(request, engine, chat, images, max_tokens, settings.model_name, mask_codec,
-                                     metrics, arrived)
+                                     metrics, arrived, grammar)
             completion.submit()
         if chat.stream:
             metrics.answered(200)
             # The background task also cancels a job whose client left before the stream began.
             return StreamingResponse(completion.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(completion.job.cancel))
+                                     background=BackgroundTask(completion.cancel))
         response = JSONResponse(await completion.whole())
         metrics.answered(200)
         return response
@@ -268,100 +286,148 @@ def _max_tokens(chat: ChatRequest, engine: BatchEngine, num_images: int, limits:
     return chat.max_tokens if chat.max_tokens is not None else min(limits.max_tokens_cap, room)
 
 
+def _grammar(chat: ChatRequest, engine: BatchEngine, constrain_by_default: bool) -> AnswerGrammar | None:
+    """The answer grammar the request decodes under: None unless it asks for one (`constrain: true`)
+    or, not saying, its prompt is detect/segment and the server constrains those by default. A default
+    grammar that cannot be built (e.g. "detect" with no label) falls back to unconstrained decoding."""
+    wanted = chat.constrain
+    if wanted is None:
+        wanted = constrain_by_default and prompt_task(chat.prompt) in TASKS
+    if not wanted:
+        return None
+    try:
+        return AnswerGrammar.for_prompt(engine.processor.tokenizer, chat.prompt, engine.model.config.text.vocab_size)
+    except PaliGemmaError as err:
+        if chat.constrain:
+            raise APIError(400, f"cannot constrain this prompt: {err}", "constrain") from None
+        return None
+
+
 class _Completion:
-    """One request in flight: its job in the engine, and the response built from the job's events."""
+    """One request in flight: its `n` jobs in the engine, and the response built from their events."""
 
     def __init__(self, request: Request, engine: BatchEngine, chat: ChatRequest, images: list[ImageData],
                  max_tokens: int, model_name: str, mask_codec=None, metrics: ServerMetrics | None = None,
-                 arrived: float | None = None):
+                 arrived: float | None = None, grammar: AnswerGrammar | None = None):
         self.request, self.engine, self.chat, self.images = request, engine, chat, images
         self.model_name, self.mask_codec = model_name, mask_codec
         self.metrics, self.arrived = metrics, time.monotonic() if arrived is None else arrived
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.events: asyncio.Queue[StreamEvent | Exception] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[int, RowEvent | Exception]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
-        def deliver(item):  # called on the engine's thread
-            try:
-                loop.call_soon_threadsafe(self.events.put_nowait, item)
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
+        def deliverer(choice: int):
+            def deliver(item):  # called on the engine's thread
+                try:
+                    loop.call_soon_threadsafe(self.events.put_nowait, (choice, item))
+                except RuntimeError:  # the event loop has closed: nobody is listening any more
+                    pass
+            return deliver
 
-        self.job = Job(chat.prompt, images, max_tokens, deliver, chat.temperature, chat.top_p, chat.top_k,
-                       chat.seed, chat.stop)
+        top_logprobs = chat.top_logprobs if chat.logprobs else 0
+        self.jobs = [Job(chat.prompt, images, max_tokens, deliverer(choice), chat.temperature, chat.top_p, chat.top_k,
+                         choice_seed(chat.seed, choice), chat.stop, top_logprobs, grammar)
+                     for choice in range(chat.n)]
 
     def submit(self) -> None:
         try:
-            self.engine.submit(self.job)
+            self.engine.submit(*self.jobs)
         except QueueFullError as err:
             raise _busy(str(err)) from None
 
-    async def _next(self) -> StreamEvent:
-        item = await self.events.get()
+    def cancel(self) -> None:
+        """Cancel every answer's job (a no-op for those that have finished)."""
+        for job in self.jobs:
+            job.cancel()
+
+    async def _next(self) -> tuple[int, RowEvent]:
+        """The next (choice, event) of any of the request's answers."""
+        choice, item = await self.events.get()
         if isinstance(item, Exception):
             log.error("generation failed: %r", item)
             raise APIError(500, "generation failed on the server", type="server_error")
         if item.result is not None and self.metrics is not None:
-            job = self.job
+            job = self.jobs[choice]
             self.metrics.finished(self.arrived, job.first_token_at, job.finished_at, len(item.result.token_ids))
-        return item
+        return choice, item
 
     async def whole(self) -> dict:
-        """The non-streaming response; cancels the job if the client disconnects first."""
+        """The non-streaming response; cancels the jobs if the client disconnects first."""
         watcher = asyncio.ensure_future(_wait_for_disconnect(self.request))
+        results: dict[int, GenerationResult] = {}
         try:
-            text = []
-            while True:
+            while len(results) < len(self.jobs):
                 getter = asyncio.ensure_future(self._next())
                 done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     getter.cancel()
-                    self.job.cancel()
+                    self.cancel()
                     raise APIError(499, "client disconnected", code="client_disconnected")
-                event = getter.result()
-                text.append(event.text)
+                choice, event = getter.result()
                 if event.result is not None:
-                    break
+                    results[choice] = event.result
         except BaseException:
-            self.job.cancel()
+            self.cancel()
             raise
         finally:
             watcher.cancel()
-        choice = {"index": 0, "message": {"role": "assistant", "content": event.result.text, "refusal": None},
-                  "logprobs": None, "finish_reason": _FINISH_REASONS[event.result.finish_reason]}
-        choice.update(await run_in_threadpool(self._extension, event.result))
+        answers = [results[choice] for choice in range(len(self.jobs))]
+        choices = []
+        for index, result in enumerate(answers):
+            choice = {"index": index, "message": {"role": "assistant", "content": result.text, "refusal": None},
+                      "logprobs": self._logprobs(_result_tokens(result)),
+                      "finish_reason": _FINISH_REASONS[result.finish_reason]}
+            choice.update(await run_in_threadpool(self._extension, result))
+            choices.append(choice)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
-                "choices": [choice], "usage": _usage(event.result), "system_fingerprint": None}
+                "choices": choices, "usage": _usage(answers), "system_fingerprint": None}
 
     async def sse(self):
-        """Server-sent events: role chunk, content chunks, a finish chunk, [usage chunk], [DONE].
+        """Server-sent events: a role chunk per answer, content chunks (with their tokens' log-probs when
+        asked), each answer's finish chunk, [usage chunk], [DONE]. Answers interleave, told apart by `index`.
 
-        Starlette cancels this generator when the client disconnects; the job is cancelled with it.
+        Starlette cancels this generator when the client disconnects; the jobs are cancelled with it.
         """
         try:
-            yield self._chunk({"role": "assistant", "content": ""})
-            while True:
+            for index in range(len(self.jobs)):
+                yield self._chunk(index, {"role": "assistant", "content": ""})
+            results: dict[int, GenerationResult] = {}
+            while len(results) < len(self.jobs):
                 try:
-                    event = await self._next()
+                    index, event = await self._next()
                 except APIError as err:
                     yield f"data: {json.dumps(err.body())}\n\n"
                     return
-                if event.text:
-                    yield self._chunk({"content": event.text})
+                logprobs = self._logprobs(event.tokens)
+                if event.text or (logprobs and logprobs["content"]):
+                    yield self._chunk(index, {"content": event.text}, logprobs=logprobs)
                 if event.result is not None:
-                    break
-            extension = await run_in_threadpool(self._extension, event.result)
-            yield self._chunk({}, _FINISH_REASONS[event.result.finish_reason], extension)
+                    results[index] = event.result
+                    extension = await run_in_threadpool(self._extension, event.result)
+                    yield self._chunk(index, {}, _FINISH_REASONS[event.result.finish_reason], extension)
             if self.chat.include_usage:
-                yield self._data({"choices": [], "usage": _usage(event.result)})
+                yield self._data({"choices": [], "usage": _usage([results[i] for i in range(len(self.jobs))])})
             yield "data: [DONE]\n\n"
         finally:
-            self.job.cancel()  # a no-op once the job has finished
+            self.cancel()  # a no-op once the jobs have finished
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason, **(extra or {})}
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, extra: dict | None = None,
+               logprobs: dict | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                  **(extra or {})}
         return self._data({"choices": [choice]})
+
+    def _logprobs(self, tokens: list[tuple[int, float, list[tuple[int, float]]]]) -> dict | None:
+        """OpenAI's `logprobs` of a choice or chunk: {"content": [{token, logprob, bytes, top_logprobs}]},
+        one entry per generated token (<eos> included); None unless the request asked for logprobs."""
+        if not self.chat.logprobs:
+            return None
+        tokenizer = self.engine.processor.tokenizer
+        content = [{**_token_logprob(tokenizer, token, logprob),
+                    "top_logprobs": [_token_logprob(tokenizer, t, lp) for t, lp in top[:self.chat.top_logprobs]]}
+                   for token, logprob, top in tokens]
+        return {"content": content, "refusal": None}
 
     def _data(self, fields: dict) -> str:
         chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
@@ -372,13 +438,16 @@ class _Completion:
         """The `paligemma` field of a choice: detections for detect prompts, masks for segment prompts
         when the server has a mask codec (boxes in original pixels). Decoding masks is blocking work."""
         task, size = prompt_task(self.chat.prompt), self.images[0].size
+        spans, chat = result.token_spans(), self.chat
         if task == "detect":
-            found = parse_detections(result.text, size)
-            return {"paligemma": {"detections": [{"label": d.label, "box": d.box} for d in found.objects],
+            found = parse_detections(result.text, size, spans)
+            kept = filter_detections(found.objects, chat.min_score, chat.nms_iou)
+            return {"paligemma": {"detections": [d.as_json() for d in kept],
                                   "detection_errors": found.errors, "image_size": list(size)}}
         if task == "segment" and self.mask_codec is not None:
-            segmented = parse_segmentations(result.text, size, self.mask_codec)
-            return {"paligemma": {"segmentations": [o.as_json() for o in segmented.objects],
+            segmented = parse_segmentations(result.text, size, self.mask_codec, spans)
+            kept = filter_detections(segmented.objects, chat.min_score, chat.nms_iou)
+            return {"paligemma": {"segmentations": [o.as_json() for o in kept],
                                   "segmentation_errors": segmented.errors, "image_size": list(size)}}
         return {}
 
@@ -433,10 +502,28 @@ def _host_name(header: str) -> str | None:
     return name.lower() if name and (not port or port.isdigit()) else None
 
 
-def _usage(result: GenerationResult) -> dict:
-    completion = len(result.token_ids)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion}
+def _usage(results: list[GenerationResult]) -> dict:
+    """Token counts of a request: its prompt once, every answer's tokens."""
+    prompt, completion = results[0].prompt_tokens, sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _result_tokens(result: GenerationResult) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """A whole answer's (id, log-prob, top alternatives) per token, as the engine's events carry them."""
+    tops = result.top_logprobs or [[] for _ in result.token_ids]
+    return list(zip(result.token_ids, result.logprobs, tops))
+
+
+def _token_logprob(tokenizer, token_id: int, logprob: float) -> dict:
+    """{token, logprob, bytes} of one token: its piece's text ("▁" as a space; a byte-fallback piece is
+    its byte, shown as a "\\xNN" escape when not a whole character), and that text's UTF-8 bytes."""
+    try:
+        piece = tokenizer.id_to_piece(token_id)
+    except ValueError:  # an embedding padding row: no piece, no text
+        piece = ""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    data = bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+    return {"token": data.decode("utf-8", "backslashreplace"), "logprob": logprob, "bytes": list(data)}
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -16,9 +16,9 @@ layers, one piece between two decode steps (exact: `running_batch.PrefillInSteps
 is at most the image encode or N layers' share of a prefill (docs/server.md, "Batching").
 
 Requests are admitted oldest first (a request that does not fit the cache yet holds the ones behind
-it, so nothing starves). Every setting (max_tokens, temperature, top_p, top_k, stop strings, seed)
-is per row, so any requests share a batch, and a request's answer is the same in a batch as alone:
-greedy always, sampled when it has a seed.
+it, so nothing starves). Every setting (max_tokens, temperature, top_p, top_k, stop strings, seed,
+top_logprobs, answer grammar) is per row, so any requests share a batch, and a request's answer is
+the same in a batch as alone: greedy always, sampled when it has a seed.
 
 Images are encoded through an LRU cache keyed by the sha256 of their bytes, one image at a time,
 so an image's features never depend on its batch-mates and a repeated image is encoded once.
@@ -40,6 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..constrained import AnswerGrammar
 from ..generation import StreamEvent, _alternatives, _Row
 from ..model import PaliGemma
 from ..processor import Processor
@@ -69,6 +70,13 @@ class ImageData:
 
 
 @dataclass
+class RowEvent(StreamEvent):
+    """A StreamEvent with the tokens taken since the job's previous event: (id, log-prob, top alternatives)."""
+
+    tokens: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+@dataclass
 class Job:
     """One request. `deliver` is called from the worker thread with each StreamEvent, or an Exception."""
 
@@ -82,6 +90,7 @@ class Job:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0
+    grammar: AnswerGrammar | None = None  # constrained decoding: only answers of this grammar
     cancelled: threading.Event = field(default_factory=threading.Event)
     # time.monotonic() seconds, set by the engine: queued, first token sampled, last token sampled.
     submitted_at: float | None = None
@@ -177,15 +186,18 @@ class BatchEngine:
             self.thread.join(timeout)
             self.thread = None
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; raises QueueFullError when `max_queue` jobs are already waiting."""
+    def submit(self, job: Job, *more: Job) -> None:
+        """Queue jobs (all or none, e.g. a request's `n` answers); raises QueueFullError when they would
+        make more than `max_queue` jobs wait."""
+        jobs = (job, *more)
         with self.condition:
             if not self.running:
                 raise RuntimeError("the batching engine is not running")
-            if len(self.queue) >= self.max_queue:
+            if len(self.queue) + len(jobs) > self.max_queue:
                 raise QueueFullError(f"{len(self.queue)} requests are already waiting")
-            job.submitted_at = time.monotonic()
-            self.queue.append(job)
+            for queued in jobs:
+                queued.submitted_at = time.monotonic()
+                self.queue.append(queued)
             self.counters["requests"] += 1
             self.condition.notify()
 
@@ -242,7 +254,7 @@ class BatchEngine:
             row = _LiveRow(job, _Row(self.processor.tokenizer, job.stop, job.max_tokens, job.top_logprobs),
                            int(inputs["attention_mask"].sum()), {"encode_images": encoded - start, "decode": 0.0})
             settings = (SamplingParams(job.temperature, job.top_p, job.top_k), job.seed, job.max_tokens,
-                        job.top_logprobs)
+                        job.top_logprobs, job.grammar)
             if self.prefill_layers_per_step:  # the encode was this step; the prefill's pieces are the next ones
                 self.joining = self.batch.begin(row, inputs["input_ids"], inputs["attention_mask"], features,
                                                 *settings, layers_per_step=self.prefill_layers_per_step)
@@ -315,19 +327,20 @@ class BatchEngine:
         """Give a row its sampled token and deliver what it wrote; False when the row is done."""
         job, now = row.job, time.monotonic()
         delta = row.text.add(token, logprob, top)
+        row.pending.append((token, logprob, top))
         self.counters["generated_tokens"] += 1
         if job.first_token_at is None:
             job.first_token_at = now
         if row.text.finish_reason is None:
             if delta and not job.cancelled.is_set():
-                job.deliver(StreamEvent(0, delta))
+                job.deliver(RowEvent(0, delta, tokens=row.take_pending()))
             return True
         job.finished_at = now
         if not job.cancelled.is_set():
             self.counters["completion_tokens"] += len(row.text.token_ids)
             self.counters["rows_finished"] += 1
             result = row.text.result(row.prompt_tokens, dict(row.timings, queued=row.queued))
-            job.deliver(StreamEvent(0, delta, row.text.finish_reason, result))
+            job.deliver(RowEvent(0, delta, row.text.finish_reason, result, tokens=row.take_pending()))
         return False
 
 
@@ -339,6 +352,11 @@ class _LiveRow:
     text: _Row
     prompt_tokens: int
     timings: dict
+    pending: list = field(default_factory=list)  # tokens taken since the job's last event
 
     def __post_init__(self):
         self.queued = time.monotonic() - (self.job.submitted_at or time.monotonic())  # seconds it waited
+
+    def take_pending(self) -> list:
+        pending, self.pending = self.pending, []
+        return pending

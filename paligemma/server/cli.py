@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-cap", type=int, default=256,
                         help="largest max_tokens a request may ask for, and the default (default 256)")
     parser.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    parser.add_argument("--max-n", type=int, default=8, help="answers per request, the 'n' field (default 8)")
+    parser.add_argument("--no-constrain", action="store_true",
+                        help="decode detect/segment prompts unconstrained unless a request sends \"constrain\": true "
+                             "(default: constrained to well-formed answers unless it sends \"constrain\": false)")
     parser.add_argument("--max-image-pixels", type=int, default=25_000_000,
                         help="largest decoded image, width x height (default 25M)")
     parser.add_argument("--decode-concurrency", type=int, default=1,
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * mib),
         max_image_pixels=args.max_image_pixels, decode_concurrency=args.decode_concurrency, allowed_hosts=allowed_hosts,
         request=RequestLimits(max_tokens_cap=args.max_tokens_cap, max_images=args.max_images,
-                              max_prompt_chars=args.max_prompt_chars),
+                              max_prompt_chars=args.max_prompt_chars, max_n=args.max_n),
+        constrain=not args.no_constrain,
         fetch=FetchLimits(allow_remote=args.allow_remote_images, max_bytes=int(args.remote_image_max_mb * mib),
                           timeout_s=args.remote_image_timeout))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -19,7 +19,8 @@ so its length is always the longest row's, not the batch's history. Rebuilding c
 (rows x slots x layers), which costs little next to a prefill or a decode step.
 
 A row's RoPE positions are its own (its real tokens counted from 1), so padding never shifts them,
-and its sampling settings and `torch.Generator` are its own, so its tokens are the ones it gets alone.
+and its sampling settings, `torch.Generator` and answer grammar (`constrained.AnswerGrammar`, None
+when unconstrained) are its own, so its tokens are the ones it gets alone.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 import torch
 
 from ..attention_mask import prefix_lm_mask
+from ..constrained import AnswerGrammar
 from ..gemma import rotary_cos_sin
 from ..kv_cache import KVCache
 from ..model import PaliGemma
@@ -81,6 +83,8 @@ class RunningBatch:
         self.generators: list[torch.Generator | None] = []
         self.left: list[int] = []  # per row: tokens it may still sample
         self.top_logprobs: list[int] = []
+        self.grammars: list[AnswerGrammar | None] = []
+        self.states: list[tuple | None] = []  # per row: its grammar's state
         self.cache: KVCache | None = None
         self.logits: torch.Tensor | None = None  # (R, V): every row's next-token logits
         self.positions = torch.zeros(0, dtype=torch.long, device=model.device)  # (R,): position of each last token
@@ -99,7 +103,8 @@ class RunningBatch:
         return length + max(self.left + [max_new_tokens]) <= self.context_length
 
     def add(self, row, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
-            params: SamplingParams, seed: int | None, max_new_tokens: int, top_logprobs: int = 0) -> float:
+            params: SamplingParams, seed: int | None, max_new_tokens: int, top_logprobs: int = 0,
+            grammar: AnswerGrammar | None = None) -> float:
         """Prefill one prompt (1, T) alone and join it to the batch; returns the prefill's seconds."""
         start = time.perf_counter()
         device = self.model.device
@@ -107,15 +112,15 @@ class RunningBatch:
         logits = self.model.prefill(input_ids.to(device), attention_mask.to(device), single,
                                     image_features=image_features)
         seconds = time.perf_counter() - start
-        self._join(_Joining(row, int(attention_mask.sum()), params, seed, max_new_tokens, top_logprobs), single,
-                   logits)
+        self._join(_Joining(row, int(attention_mask.sum()), params, seed, max_new_tokens, top_logprobs, grammar),
+                   single, logits)
         return seconds
 
     def begin(self, row, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
               params: SamplingParams, seed: int | None, max_new_tokens: int, top_logprobs: int = 0,
-              layers_per_step: int = 1) -> "_Joining":
+              grammar: AnswerGrammar | None = None, layers_per_step: int = 1) -> "_Joining":
         """Start a prefill in pieces of `layers_per_step` decoder layers; `prefill_step` runs them."""
-        joining = _Joining(row, int(attention_mask.sum()), params, seed, max_new_tokens, top_logprobs)
+        joining = _Joining(row, int(attention_mask.sum()), params, seed, max_new_tokens, top_logprobs, grammar)
         joining.prefill = PrefillInSteps(self.model, input_ids, attention_mask, image_features, layers_per_step)
         return joining
 
@@ -144,12 +149,24 @@ class RunningBatch:
         self.generators += make_generators(joining.seed, 1)
         self.left.append(joining.max_new_tokens)
         self.top_logprobs.append(joining.top_logprobs)
+        self.grammars.append(joining.grammar)
+        self.states.append(None if joining.grammar is None else joining.grammar.start())
 
     def sample(self) -> Choice:
         """The next token of every row (R,) from its latest logits, with log-probs (and alternatives)."""
-        choice = choose_next(self.logits, self.params, self.generators, top_logprobs=max(self.top_logprobs))
+        choice = choose_next(self.logits, self.params, self.generators, self._allowed(), max(self.top_logprobs))
         self.left = [left - 1 for left in self.left]
         return choice
+
+    def _allowed(self) -> torch.Tensor | None:
+        """(R, V) bool: the tokens each row's grammar allows next (all for an unconstrained row), as
+        `DecodeSession.allowed_tokens` with a row's budget its `left` tokens; None when no row is constrained."""
+        if all(g is None for g in self.grammars):
+            return None
+        vocab = self.logits.shape[-1]
+        masks = [torch.ones(vocab, dtype=torch.bool) if g is None else g.allowed(state, max(left, 1))
+                 for g, state, left in zip(self.grammars, self.states, self.left)]
+        return torch.stack(masks).to(self.logits.device)
 
     def advance(self, tokens: torch.Tensor, keep: list[bool]) -> None:
         """Rows with `keep` False leave; the others take their token (R,) and compute their next logits."""
@@ -158,6 +175,9 @@ class RunningBatch:
             tokens = tokens[torch.tensor(keep, device=tokens.device)]
         if not self.rows:
             return
+        if any(g is not None for g in self.grammars):
+            self.states = [None if g is None else g.advance(state, token)
+                           for g, state, token in zip(self.grammars, self.states, tokens.tolist())]
         self.positions = self.positions + 1
         self.logits = self.model.decode_step(tokens.to(self.model.device), self.positions, self.cache)
 
@@ -165,7 +185,7 @@ class RunningBatch:
         """Drop rows `indices`; the cache is rebuilt from the rows that stay, as short as they allow."""
         gone = set(indices)
         stay = [i for i in range(len(self.rows)) if i not in gone]
-        for name in ("rows", "params", "generators", "left", "top_logprobs"):
+        for name in ("rows", "params", "generators", "left", "top_logprobs", "grammars", "states"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in stay])
         if not stay:
@@ -200,8 +220,8 @@ class _Joining:
     """A row on its way into the batch: its settings, and its prefill while it runs in pieces."""
 
     def __init__(self, row, prompt_tokens: int, params: SamplingParams, seed: int | None, max_new_tokens: int,
-                 top_logprobs: int):
+                 top_logprobs: int, grammar: AnswerGrammar | None = None):
         self.row, self.prompt_tokens, self.params, self.seed = row, prompt_tokens, params, seed
-        self.max_new_tokens, self.top_logprobs = max_new_tokens, top_logprobs
+        self.max_new_tokens, self.top_logprobs, self.grammar = max_new_tokens, top_logprobs, grammar
         self.prefill: PrefillInSteps | None = None
         self.seconds = 0.0  # prefill time so far

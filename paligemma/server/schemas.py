@@ -10,6 +10,10 @@ How a conversation becomes one PaliGemma prompt (PaliGemma is not a chat model):
 - the images are those of the last user message, or, when it has none, those of the nearest
   earlier user message that has some (so a follow-up question can reuse an uploaded image);
 - system, developer and assistant messages are accepted and otherwise ignored.
+
+Decoding fields beyond OpenAI's (docs/server.md): `constrain` (bool; default: on for detect and
+segment prompts, as `paligemma serve --no-constrain` sets), `min_score` and `nms_iou` (detection
+and segmentation filtering by box score, off by default).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 from ..tokenizer import IMAGE_TOKEN
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
 
@@ -48,6 +53,7 @@ class RequestLimits:
     max_tokens_cap: int = 256  # largest max_tokens a request may ask for; also the default
     max_images: int = 4  # images per request
     max_prompt_chars: int = 16_384  # checked before the prompt is tokenized
+    max_n: int = 8  # answers per request (`n`); each is a row of the running batch
 
 
 @dataclass
@@ -62,6 +68,12 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    n: int = 1  # answers to the prompt
+    logprobs: bool = False  # each answer's tokens with their log-probs (OpenAI's choices[i].logprobs)
+    top_logprobs: int = 0  # with logprobs: the N most likely tokens at each step, 0..MAX_TOP_LOGPROBS
+    constrain: bool | None = None  # None: the server's default for the prompt's task
+    min_score: float | None = None  # drop detections scored below this
+    nms_iou: float | None = None  # per-label non-maximum suppression at this IoU
 
 
 def parse_chat_request(body: Any, limits: RequestLimits) -> ChatRequest:
@@ -72,6 +84,16 @@ def parse_chat_request(body: Any, limits: RequestLimits) -> ChatRequest:
     if model is not None and not isinstance(model, str):
         raise APIError(400, "'model' must be a string", "model")
     _refuse_unsupported(body)
+    n = 1 if body.get("n") is None else _integer(body["n"], "n", minimum=1)
+    if n > limits.max_n:
+        raise APIError(400, f"'n' is {n} but this server gives at most {limits.max_n} answers per request", "n",
+                       "n_too_large")
+    logprobs = bool(_optional(body, "logprobs", bool))
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None:
+        top_logprobs = _integer(top_logprobs, "top_logprobs", minimum=0, maximum=MAX_TOP_LOGPROBS)
+        if not logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     prompt, image_urls = _prompt_and_images(body.get("messages"), limits)
 
     # OpenAI clients send both names, the unused one as null: the first that is set counts.
@@ -95,16 +117,15 @@ def parse_chat_request(body: Any, limits: RequestLimits) -> ChatRequest:
         stop=_stop(body.get("stop")),
         stream=bool(_optional(body, "stream", bool)),
         include_usage=include_usage,
+        n=n, logprobs=logprobs, top_logprobs=top_logprobs or 0,
+        constrain=_optional(body, "constrain", bool),
+        min_score=None if body.get("min_score") is None else _number(body, "min_score", 0.0, low=0.0, high=1.0),
+        nms_iou=None if body.get("nms_iou") is None else _number(body, "nms_iou", 0.0, low=0.0, high=1.0),
     )
 
 
 def _refuse_unsupported(body: dict) -> None:
     """Options a client may rely on that this server cannot honour get a 400, not silence."""
-    n = body.get("n")
-    if n is not None and _integer(n, "n", minimum=1) != 1:
-        raise APIError(400, "n > 1 is not supported: send one request per completion", "n", "unsupported_parameter")
-    if body.get("logprobs"):
-        raise APIError(400, "logprobs are not supported", "logprobs", "unsupported_parameter")
     if body.get("tools") or body.get("functions"):
         raise APIError(400, "tools / function calling are not supported by PaliGemma", "tools",
                        "unsupported_parameter")
