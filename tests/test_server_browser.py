@@ -75,6 +75,8 @@ def test_upload_detect_stream_and_draw_boxes(browser, tiny_checkpoint_dir, tmp_p
         _wait(browser, "document.getElementById('view').dataset.boxes === '1'")
         assert browser.find_element("id", "answer").text == "<loc0100><loc0200><loc0500><loc0900> circle"
         assert browser.find_element("id", "status").text.startswith("done (stop)")
+        # The scripted tokens have probability ~1: the listed box carries its score.
+        assert browser.find_element("id", "objects").text == "circle — score 1.000 — box [78, 29, 352, 147]"
         # The box's left edge (x0 = 200/1023 of the width) is drawn in the box colour; the middle is not.
         x0, y_mid = round(200 / 1023 * 400), round(300 / 1023 * 300)
         pixel = "Array.from(document.getElementById('view').getContext('2d').getImageData(%d, %d, 1, 1).data)"
@@ -111,3 +113,18 @@ def test_segment_answer_masks_are_painted(browser, tiny_checkpoint_dir, tmp_path
         inside = browser.execute_script("return " + pixel % (round(550 / 1023 * 400), round(300 / 1023 * 300)))
         assert inside[0] > 150 and inside[1] < 100  # tinted magenta over the grey
         assert browser.execute_script("return " + pixel % (20, 20))[:3] == [128, 128, 128]
+
+
+def test_the_example_button_loads_the_bundled_image(browser, tiny_checkpoint_dir):
+    from paligemma.server.app import EXAMPLE_IMAGE
+
+    width = Image.open(EXAMPLE_IMAGE).width
+    engine = BatchEngine(load_model(tiny_checkpoint_dir), load_processor(tiny_checkpoint_dir), batch_window_s=0)
+    with running_server(create_app(engine, ServerSettings(model_name="tiny"))) as url:
+        browser.get(url + "/")
+        assert browser.find_element("id", "run").get_attribute("disabled")
+        browser.find_element("id", "example").click()
+        _wait(browser, "!document.getElementById('run').disabled")
+        assert browser.execute_script("return document.getElementById('view').width") == min(width, 720)
+        browser.find_element("id", "run").click()  # a caption of the example image
+        _wait(browser, "document.getElementById('status').textContent.startsWith('done')")
