@@ -6,9 +6,11 @@ One step = forward and backward of batch 1 (one 224 px image + 32 text tokens: 1
 gradient checkpointing on, LoRA rank 8 on the decoder's projections, then AdamW on the adapters.
 Bases: float32 and bfloat16 load the checkpoint in that dtype; int8 and int4 load it in bf16 and
 replace the decoder projections by our quantized layers (finetune.lora.quantize_base: QLoRA), so
-the vision tower, projector and embedding table stay bf16. Each (model, base, ISA) runs in a fresh
+the vision tower, projector and embedding table stay bf16. As in `paligemma finetune`, bf16 weights
+on a CPU without native bf16 compute in float32 (finetune/widening.py). Each (model, base, ISA) runs in a fresh
 worker process (peak RSS is its ru_maxrss, loading included); `--steps` steps, the first one a
-warm-up, the reported s/step the median of the others.
+warm-up, the reported s/step the median of the others, with the CPU seconds the process used per step
+(all threads together: what a shared machine's wall-clock time hides).
 
 `--isa avx2` caps our kernels (PALIGEMMA_ISA) and makes torch, oneDNN and MKL run their AVX2 code
 (bench_inference.ISA_EMULATION), as an AVX2-only CPU would run them; `native` is this CPU's best.
@@ -42,6 +44,7 @@ def worker(model_name: str, base: str, steps: int, rank: int) -> dict:
     from paligemma.finetune.lora import apply_lora, quantize_base
     from paligemma.finetune.schedule import build_optimizer
     from paligemma.finetune.step import train_step
+    from paligemma.finetune.widening import needs_widening, widen_bf16
     from paligemma.kernels import level
     from paligemma.loading import load_model
     from paligemma.model import IGNORE_INDEX
@@ -52,6 +55,8 @@ def worker(model_name: str, base: str, steps: int, rank: int) -> dict:
     if base in ("int8", "int4"):
         quantize_base(model, base)
     apply_lora(model, rank=rank)
+    if needs_widening(model):  # as the trainer does: bf16 weights on a CPU without native bf16
+        widen_bf16(model)
     model.vision_tower.gradient_checkpointing = model.language_model.gradient_checkpointing = True
     model.train()
     load_s = time.perf_counter() - started
@@ -68,17 +73,19 @@ def worker(model_name: str, base: str, steps: int, rank: int) -> dict:
                  pixel_values=torch.rand(1, 3, config.vision.image_size, config.vision.image_size, generator=g))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, 1e-4, 0.0)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(steps):
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         loss, _ = train_step(model, [batch], params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - tick)
+        cpu_times.append(time.process_time() - cpu_tick)
         losses.append(loss)
     return {"model": model_name, "base": base, "isa": level(), "threads": torch.get_num_threads(),
             "load_s": round(load_s, 1), "step_s": [round(t, 2) for t in times],
             "s_per_step": round(statistics.median(times[1:] or times), 2), "losses": losses,
+            "cpu_s_per_step": round(statistics.median(cpu_times[1:] or cpu_times), 2),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
             "trainable": sum(p.numel() for p in params)}
 
@@ -112,13 +119,13 @@ def main() -> None:
                 row = run_one(name, base, isa, args.steps, args.rank)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print("\n| model | base | ISA | peak RSS (GiB) | s/step | load (s) |\n|---|---|---|---|---|---|")
+    print("\n| model | base | ISA | peak RSS (GiB) | s/step | CPU s/step | load (s) |\n|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['model']} | {row['base']} | {row['isa']} | failed: {row['error']} | | |")
+            print(f"| {row['model']} | {row['base']} | {row['isa']} | failed: {row['error']} | | | |")
         else:
             print(f"| {row['model']} | {row['base']} | {row['isa']} | {row['peak_rss_gib']} | {row['s_per_step']} "
-                  f"| {row['load_s']} |")
+                  f"| {row.get('cpu_s_per_step', '')} | {row['load_s']} |")
 
 
 if __name__ == "__main__":
