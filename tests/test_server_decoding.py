@@ -9,6 +9,8 @@ server must reproduce exactly (each of the `n` answers is its own row of the run
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -213,6 +215,46 @@ def test_the_serve_flag_turns_the_default_off(tiny, photo):
     with _serve(tiny, constrain=False) as url:
         assert _post(url, photo)[0]["message"]["content"] == raw.text
         assert _post(url, photo, constrain=True)[0]["message"]["content"] == constrained.text
+
+
+# ---------------------------------------------------------------------- in a running batch
+
+def test_constrained_sampled_and_logprob_rows_share_a_batch_and_answer_as_alone(tiny, photo, monkeypatch):
+    """Requests with every option at once overlap in the running batch (decode steps slowed down),
+    one prefilled in pieces of layers; each answer equals the library's for that request alone."""
+    model, processor = tiny
+    requests = [dict(prompt=DETECT, n=2, temperature=1.0, seed=5),
+                dict(prompt="caption en", logprobs=True, top_logprobs=2),
+                dict(prompt=DETECT, constrain=False),
+                dict(prompt="segment circle", temperature=0.7, seed=2, max_tokens=24)]
+    library = [dict(constrain=True, n=2, temperature=1.0, seed=5), dict(top_logprobs=2), dict(),
+               dict(constrain=True, temperature=0.7, seed=2, max_new_tokens=24)]
+    expected = [_library(tiny, photo, r["prompt"], **options) for r, options in zip(requests, library)]
+    original = model.decode_step
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode_step", slow)
+    engine = BatchEngine(model, processor, max_batch_size=8, batch_window_s=0, prefill_layers_per_step=2)
+    answers = [None] * len(requests)
+    with running_server(create_app(engine, ServerSettings(model_name="tiny"))) as url:
+        def ask(i):
+            fields = {k: v for k, v in requests[i].items() if k != "prompt"}
+            answers[i] = _post(url, photo, requests[i]["prompt"], **fields)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)  # staggered: later requests join a running batch
+        for thread in threads:
+            thread.join(120)
+    assert engine.stats()["max_batch_size"] >= 3
+    for choices, results in zip(answers, expected):
+        assert [c["message"]["content"] for c in choices] == [r.text for r in results]
+    _check_logprobs(answers[1][0]["logprobs"]["content"], expected[1][0], top=2)
+    assert all(not c["paligemma"]["detection_errors"] for c in answers[0])
 
 
 # ---------------------------------------------------------------------- the web page's example image
