@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from server_helpers import image_message, png_data_uri, running_server  # noqa: E402
+from server_helpers import image_message, png_data_uri, running_server, serve_process  # noqa: E402
 
 from paligemma import generate_detailed, load_model, load_processor  # noqa: E402
 from paligemma.server.app import EXAMPLE_IMAGE, ServerSettings, create_app  # noqa: E402
@@ -215,6 +215,16 @@ def test_the_serve_flag_turns_the_default_off(tiny, photo):
     with _serve(tiny, constrain=False) as url:
         assert _post(url, photo)[0]["message"]["content"] == raw.text
         assert _post(url, photo, constrain=True)[0]["message"]["content"] == constrained.text
+
+
+def test_serve_no_constrain_and_max_n_flags(tiny_checkpoint_dir, tiny, photo):
+    [raw] = _library(tiny, photo, DETECT)
+    with serve_process(tiny_checkpoint_dir, "--no-constrain", "--max-n", "2", "--log-level", "warning") as (url, _):
+        assert _post(url, photo)[0]["message"]["content"] == raw.text
+        assert len(_post(url, photo, n=2)) == 2
+        body = {"model": "tiny", "n": 3, "messages": image_message(DETECT, png_data_uri(photo))}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
 
 
 # ---------------------------------------------------------------------- in a running batch
