@@ -238,3 +238,36 @@ def test_bf16_weights_on_a_cpu_without_native_bf16_train_in_float32(tmp_path, ba
         torch.testing.assert_close(grads[torch.bfloat16][name], grad, rtol=1e-4, atol=1e-6)
     merged = paligemma.load_model(tmp_path / str(torch.bfloat16) / "final")
     assert merged.dtype == torch.bfloat16 and {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+
+
+def test_two_processes_match_one_with_a_quantized_base(tmp_path, base_dir):
+    """torchrun (gloo, DDP) over a QLoRA model: the same losses as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i, row in enumerate(_rows()):
+        row["image"].save(tmp_path / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "prefix": row["prefix"], "suffix": row["suffix"]}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+    def args(out):
+        return ["--model", str(base_dir), "--data", str(tmp_path / "train.jsonl"), "--out", str(out), "--steps", "3",
+                "--batch-size", "4", "--lr", "1e-2", "--quantize", "int4", "--lora-rank", "4", "--no-progress"]
+
+    assert cli_main(["finetune", *args(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "paligemma.finetune.cli", *args(tmp_path / "two")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "one")) == 3
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

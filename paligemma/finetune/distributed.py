@@ -135,7 +135,10 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool) -> nn.Module:
         return model
     if env.enabled:
         on_gpu = next(model.parameters()).device
-        return nn.parallel.DistributedDataParallel(model, device_ids=[on_gpu] if on_gpu.type == "cuda" else None)
+        # No buffer changes in training (no batch norm); a QLoRA base's quantized weights are buffers, which
+        # DDP would otherwise broadcast before every forward pass.
+        return nn.parallel.DistributedDataParallel(model, device_ids=[on_gpu] if on_gpu.type == "cuda" else None,
+                                                   broadcast_buffers=False)
     return model
 
 
