@@ -378,11 +378,13 @@ class QuantizedLinear(nn.Module):
         destination[prefix + "scales_zeros"] = self.scales_zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):  # checked first: no context is entered when autocast is off
+            with torch.autocast("cpu", enabled=False):
+                return self.forward(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return _QuantizedMatmul.apply(x, self)  # the weights get no gradient; the input does
         return self.multiply(x)
 
-    @torch.autocast("cpu", enabled=False)
     def multiply(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) @ W^T -> (..., N) in x's dtype, without autograd."""
         shape = x.shape
