@@ -1,10 +1,11 @@
 """What every importer shares: objects -> answers, problem reports, image placement, atomic JSONL.
 
 An importer turns its format into `ImageEntry`s (a source image, its upright size and its objects
-in upright image pixels) and hands them to `Writer`, which places each image next to the JSONL
-(copied, hard-linked, symlinked or referenced in place: never re-encoded), builds the row's prompt
-and answer with the library's own answer grammar (`tasks.format_detections`,
-`segmentation.format_segmentations`) and writes the JSONL atomically once every image is in place.
+in upright image pixels) and hands them to `write_object_rows`, which builds each row's prompt and
+answer with the library's own answer grammar (`tasks.format_detections`,
+`segmentation.format_segmentations`). `Writer` places each image next to the JSONL (copied,
+hard-linked, symlinked or referenced in place: never re-encoded) and writes the JSONL atomically
+once every image is in place.
 """
 
 from __future__ import annotations
