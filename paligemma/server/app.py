@@ -8,6 +8,7 @@ seed the library gives that answer (`sampling.choice_seed`); they share the imag
 the engine's image cache. `logprobs` / `top_logprobs` come from each row's own log-probs, in
 OpenAI's shape; detect and segment prompts are constrained to well-formed answers unless the
 request (`"constrain": false`) or the server (`--no-constrain`) says otherwise.
+
 Every error is answered as `{"error": {"message", "type", "param", "code"}}`. Request handlers
 only parse, fetch and decode (in worker threads); the model is touched by the engine's thread alone.
 
