@@ -264,9 +264,9 @@ def run_batch(model, processor, rows: Sequence[BatchRow], out: Path, batch_size:
     part.parent.mkdir(exist_ok=True)
     if part.exists():
         read_part(part, truncate_torn_tail=True)
-    done = completed_ids(out)
-    todo = [row for row in rows if shard.owns(row) and row.id not in done]
-    skipped = sum(row.id in done for row in rows)
+    done = completed_ids(out)  # other ranks may already be appending theirs: only this shard's rows count
+    mine = [row for row in rows if shard.owns(row)]
+    todo = [row for row in mine if row.id not in done]
     bar = _progress_bar(progress and shard.rank == 0, len(todo), shard)
     answered = errors = 0
     try:
@@ -280,7 +280,7 @@ def run_batch(model, processor, rows: Sequence[BatchRow], out: Path, batch_size:
     finally:
         if bar is not None:
             bar.close()
-    answered, errors = _sum_over_ranks([answered, errors], shard)
+    answered, errors, skipped = _sum_over_ranks([answered, errors, len(mine) - len(todo)], shard)
     if shard.rank == 0:
         merge_parts(out, rows)
     return BatchSummary(len(rows), skipped, answered, errors, time.perf_counter() - started, shard.world_size)
