@@ -53,6 +53,7 @@ from torch import nn
 
 from .errors import PaliGemmaError
 from .kernels import BLOCK_BUFFER_BYTES, MAX_ROWS, level, matmul_by_row_blocks, native_bf16, ops, scratch
+from .safetensors_io import release_file_pages
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -186,6 +187,12 @@ def _scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 # blocks of a multiple of 64 rows pack to the same bytes as the whole matrix (tested).
 _ROW_BLOCK = 256
 
+# A weight read from a checkpoint's memory map has its pages handed back to the OS block by block as it
+# is quantized (safetensors_io.release_file_pages), so a large one (a tied head's embedding table: 1.8 GB
+# for PaliGemma 2 10B, 2.4 GB for 28B) never sits in memory whole next to the quantized model. The int8
+# kernel's blocks are this many rows.
+_KERNEL_ROWS = 4096
+
 Weights = torch.Tensor | list[torch.Tensor]  # one (N, K) matrix, or matrices (N_i, K) stacked by rows
 
 
@@ -213,6 +220,7 @@ def _by_row_blocks(parts: list[torch.Tensor], group_size: int, quantize_block, o
             rows = slice(offset + start, offset + start + count)
             # float32 rows in a reused buffer: a fresh tensor per block would page-fault each time
             block_rows = scratch((count, part.shape[1]), torch.float32).copy_(part[start:start + count])
+            release_file_pages(part[start:start + count])  # a mapped weight's block: done with
             quantized = quantize_block(block_rows, group_size)
             for out, dim, values in zip(outputs, row_dims, quantized):
                 out[(slice(None),) * dim + (rows,)] = values
@@ -256,8 +264,11 @@ def quantize_int8(weight: Weights, group_size: int, kernels=None) -> tuple[torch
         return _by_row_blocks(parts, group_size, _int8_block, outputs, [0, 0])
     offset = 0
     for part in parts:  # the same arithmetic as _int8_block (tested)
-        rows = slice(offset, offset + part.shape[0])
-        kernels.quantize_int8(part.contiguous(), outputs[0][rows], outputs[1][rows])
+        for start in range(0, part.shape[0], _KERNEL_ROWS):
+            rows = part[start:start + _KERNEL_ROWS]
+            done = slice(offset + start, offset + start + rows.shape[0])
+            kernels.quantize_int8(rows.contiguous(), outputs[0][done], outputs[1][done])
+            release_file_pages(rows)
         offset += part.shape[0]
     return tuple(outputs)
 

@@ -402,3 +402,20 @@ def test_quantized_top1_agreement_on_models_shaped_like_10b_and_28b(name, tmp_pa
         agreement = (top1(paligemma.load_model(tmp_path / mode)) == expected).float().mean().item()
         print(f"{name}-like {mode}: top-1 agreement with bf16 {agreement:.4f}")
         assert agreement >= floor, agreement
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantizing_a_mapped_weight_hands_back_its_pages_block_by_block(tied_checkpoint, mode, monkeypatch):
+    """So that a large weight (a tied head's embedding table) never sits in memory whole next to the
+    quantized model: every row of it is released as soon as its block is quantized."""
+    table = paligemma.load_model(tied_checkpoint).language_model.embed_tokens.weight  # a view of the file map
+    embedding = table[:256]  # whole 64-row blocks, as every released vocabulary has (257216 rows)
+    released = []
+    monkeypatch.setattr(quantize, "_KERNEL_ROWS", 64)
+    monkeypatch.setattr(quantize, "_ROW_BLOCK", 64)
+    monkeypatch.setattr(quantize, "release_file_pages", lambda rows: released.append(rows))
+    QuantizedLinear(embedding, mode)
+    starts = sorted((t.data_ptr() - embedding.data_ptr()) // embedding.stride(0) // embedding.element_size()
+                    for t in released)
+    assert starts == list(range(0, embedding.shape[0], 64))
+    assert sum(t.shape[0] for t in released) == embedding.shape[0]
