@@ -280,8 +280,8 @@ def test_every_command_takes_the_shared_model_options():
     assert (tuned.model, tuned.dtype, tuned.device, tuned.quantize, tuned.no_optimize, tuned.mask_codec) == \
         ("m", "bfloat16", "cuda:1", "int4", True, "c.npz")
     finetune = _parse(["finetune", "--model", "m", "--data", "d", "--out", "o"])
-    assert (finetune.model, finetune.dtype) == ("m", "float32")  # trained: no device/quantize/optimize options
-    assert not hasattr(finetune, "quantize") and not hasattr(finetune, "no_optimize")
+    assert (finetune.model, finetune.dtype, finetune.quantize) == ("m", "float32", None)  # --quantize: QLoRA's base
+    assert not hasattr(finetune, "no_optimize")  # trained: no inference layout
     demo = _parse(["demo-eval"])
     assert (demo.model, demo.dtype, demo.mask_codec, demo.no_segmentation) == (None, None, None, False)
     with pytest.raises(SystemExit):  # --mask-codec and --no-segmentation exclude each other
