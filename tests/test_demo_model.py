@@ -135,3 +135,16 @@ def test_multiclass_scores_from_written_answers(monkeypatch):
     assert "| multi-class detection recall (IoU >= 0.5) | 100.0% |" in demo.table()
     plain = evaluate_demo(None, None, num_scenes=n, seed0=seed0)
     assert plain.multiclass is None and "multiclass" not in plain.as_dict() and "multi-class" not in plain.table()
+
+
+def test_demo_eval_command_reports_multiclass_unless_told_not_to(monkeypatch, capsys):
+    seed0 = EVAL_SEED0 + 40_006
+    truth = {generate_scene(seed0 + i).image.tobytes(): generate_scene(seed0 + i) for i in range(2)}
+    monkeypatch.setattr(evaluate, "generate", lambda model, processor, images, prompts, max_new_tokens: [
+        dict(scene_examples(truth[image.tobytes()], multiclass=True))[p] for image, p in zip(images, prompts)])
+    arguments = ["demo-eval", "--scenes", "2", "--seed0", str(seed0), "--no-segmentation", "--json"]
+    assert main(arguments) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["multiclass"]["detect_prompts"] == 4 and scores["multiclass"]["detection_recall"] == 1.0
+    assert main(arguments + ["--no-multiclass"]) == 0
+    assert "multiclass" not in json.loads(capsys.readouterr().out)
