@@ -114,3 +114,12 @@ def tiny_checkpoint_dir(tmp_path_factory, spm_model_path, spm_layout) -> Path:
     directory = tmp_path_factory.mktemp("tiny-checkpoint")
     write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=2)
     return directory
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, spm_model_path, spm_layout) -> Path:
+    """The fine-tuning tests' base: a complete tiny checkpoint folder with one KV head (28 px images,
+    4 image tokens), one per test module, so a module may write next to it."""
+    directory = tmp_path_factory.mktemp("ft-base")
+    write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=1)
+    return directory

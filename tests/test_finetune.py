@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from tiny_models import write_complete_checkpoint
 
 import paligemma
 from paligemma.finetune import (
@@ -29,14 +28,6 @@ from paligemma.finetune.step import count_targets, train_step
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30),
           "purple": (140, 30, 160), "orange": (250, 140, 20), "black": (5, 5, 5), "white": (250, 250, 250)}
 SHAPES = ["circle", "square", "triangle", "star"]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, spm_model_path, spm_layout):
-    """A complete tiny checkpoint folder: weights, tokenizer.model, preprocessor_config.json (28 px, 4 image tokens)."""
-    directory = tmp_path_factory.mktemp("ft-base")
-    write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=1)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_models import write_complete_checkpoint
 
 import paligemma
 from paligemma import atomic_files
@@ -23,14 +22,6 @@ from paligemma.finetune.data import TrainingCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = [(230, 20, 20), (20, 200, 40), (30, 40, 220), (240, 230, 30), (140, 30, 160), (250, 140, 20)]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, spm_model_path, spm_layout):
-    """A complete tiny checkpoint folder (28 px images, 4 image tokens)."""
-    directory = tmp_path_factory.mktemp("ft-base")
-    write_complete_checkpoint(directory, "gemma", spm_model_path, spm_layout, kv_heads=1)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -359,7 +359,8 @@ BAD_BODIES = {
 }
 BAD_FIELDS = {
     "n": (99, "n"), "top_logprobs": (21, "top_logprobs"), "constrain": ("no", "constrain"),
-    "min_score": (1.5, "min_score"), "temperature": ("hot", "temperature"), "top_p": (0, "top_p"), "top_k": (-1, "top_k"),
+    "min_score": (1.5, "min_score"), "temperature": ("hot", "temperature"), "top_p": (0, "top_p"),
+    "top_k": (-1, "top_k"),
     "max_tokens": (CAP + 1, "max_tokens"), "max_completion_tokens": (0, "max_completion_tokens"),
     "seed": (1.5, "seed"), "stop": ([""], "stop"), "stream": ("yes", "stream"), "logprobs": ("yes", "logprobs"),
 }
