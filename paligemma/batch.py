@@ -283,6 +283,10 @@ def run_batch(model, processor, rows: Sequence[BatchRow], out: Path, batch_size:
     answered, errors, skipped = _sum_over_ranks([answered, errors, len(mine) - len(todo)], shard)
     if shard.rank == 0:
         merge_parts(out, rows)
+    if shard.world_size > 1:
+        # Every rank waits for the merge: no rank leaves (and tears down its gloo connections, which
+        # aborted a process that was still merging, seen as SIGABRT under load) before the output exists.
+        dist.barrier()
     return BatchSummary(len(rows), skipped, answered, errors, time.perf_counter() - started, shard.world_size)
 
 
