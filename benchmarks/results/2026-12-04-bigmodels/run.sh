@@ -19,8 +19,14 @@ case "${1:-}" in
     10b-prepare) step 10b-prepare --models pg2-10b --saved int4,int8 --prepare ;;  # bf16 streamed; paligemma quantize x2
     10b-bf16-load) step 10b-bf16-load --models pg2-10b --dtypes bf16 --quantize '' --load-only --no-optimize ;;
     10b) step 10b --models pg2-10b --dtypes '' --quantize int4,int8 --saved int4,int8 --new-tokens 16 ;;
+    10b-r2) step 10b-r2 --models pg2-10b --dtypes '' --quantize int4,int8 --new-tokens 16 ;;  # after the block-by-block page release
     28b-prepare) step 28b-prepare --models pg2-28b --saved int4 --prepare ;;
     28b-bf16-load) step 28b-bf16-load --models pg2-28b --dtypes bf16 --quantize '' --load-only --no-optimize ;;
     28b) step 28b --models pg2-28b --dtypes '' --quantize int4 --saved int4 --new-tokens 8 ;;
-    *) echo "usage: $0 10b-prepare|10b-bf16-load|10b|28b-prepare|28b-bf16-load|28b" >&2; exit 2 ;;
+    28b-2threads) step 28b-2threads --models pg2-28b --dtypes '' --quantize '' --saved int4 --new-tokens 16 --threads 2 ;;  # the VM idle
+    28b-bf16-load-2threads) step 28b-bf16-load-2threads --models pg2-28b --dtypes bf16 --quantize '' --load-only --no-optimize --threads 2 ;;
+    # The VM idle again: 10B once more at 2 threads (the 28B files removed first, for disk space).
+    10b-2threads) step 10b-2threads --models pg2-10b --dtypes '' --quantize int4,int8 --saved int4,int8 --new-tokens 16 --threads 2 ;;
+    10b-bf16-load-2threads) step 10b-bf16-load-2threads --models pg2-10b --dtypes bf16 --quantize '' --load-only --no-optimize --threads 2 ;;
+    *) echo "usage: $0 10b-prepare|10b-bf16-load|10b|10b-r2|28b-prepare|28b-bf16-load|28b|28b-2threads|28b-bf16-load-2threads|10b-2threads|10b-bf16-load-2threads" >&2; exit 2 ;;
 esac
