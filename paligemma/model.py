@@ -29,7 +29,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PaliGemmaOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V); (N, V) at the N labelled positions with forward(loss_only=True)
     loss: torch.Tensor | None = None
 
 
@@ -143,13 +143,16 @@ class PaliGemma(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> PaliGemmaOutput:
+                image_features: torch.Tensor | None = None, loss_only: bool = False) -> PaliGemmaOutput:
         """Logits for every position, and the suffix loss when `labels` are given.
 
         input_ids (B, T); pixel_values (num_images, 3, H, W) or precomputed `image_features`;
         attention_mask (B, T): 1 = token, 0 = padding; token_type_ids (B, T): 0 = prefix
         (bidirectional), 1 = suffix (causal), None = all prefix; labels (B, T): -100 = ignored;
         position_ids (B, T): defaults to counting real tokens from 1, so padding is skipped.
+        loss_only (training): the LM head runs only at the N positions that predict a label, and
+        `logits` are (N, V), row-major over (B, T - 1); the loss is the same. The full (B, T, V) float32
+        logits of a 257k vocabulary, their softmax and gradient take ~0.28 GiB each for 288 tokens.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -161,6 +164,8 @@ class PaliGemma(nn.Module):
                              ("labels", labels), ("position_ids", position_ids)):
             if tensor is not None and tensor.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)} but input_ids has {tuple(input_ids.shape)}")
+        if loss_only and labels is None:
+            raise ValueError("loss_only=True needs labels")
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         embeds = self.embed(input_ids, image_features)
@@ -168,7 +173,11 @@ class PaliGemma(nn.Module):
         is_prefix = (token_type_ids == 0) & valid
         # HF counts positions from 1 (big_vision from 0): RoPE is relative, but matching keeps rounding equal.
         positions = attention_mask.long().cumsum(-1) if position_ids is None else position_ids
-        hidden = self.run_decoder(embeds, positions, valid, is_prefix)
+        hidden = self.run_decoder(embeds, positions, valid, is_prefix)  # (B, T, D)
+        if loss_only:
+            targets = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): position t predicts token t + 1
+            logits = self.logits(hidden[:, :-1][targets])  # (N, V)
+            return PaliGemmaOutput(logits=logits, loss=F.cross_entropy(logits.float(), labels[:, 1:][targets]))
         logits = self.logits(hidden)
         loss = None if labels is None else next_token_loss(logits, labels)
         return PaliGemmaOutput(logits=logits, loss=loss)

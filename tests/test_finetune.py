@@ -172,6 +172,34 @@ def test_train_step_gradient_is_that_of_the_token_weighted_mean(base_dir, proces
         torch.testing.assert_close(p.grad, want / 2, rtol=0, atol=1e-4 * want.abs().max().item() + 1e-8)
 
 
+def test_loss_only_forward_equals_the_full_logits_loss_and_gradients(base_dir, processor):
+    """forward(loss_only=True), as train_step calls it, runs the LM head on the answer positions only:
+    the same loss and gradients as the full (B, T, V) logits, and logits (N, V) for the N targets."""
+    batch = Collator(processor)([FinetuneDataset(rows(3))[i] for i in range(3)])
+    model = fresh_model(base_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = model(**batch)
+    full.loss.backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    short = model(**batch, loss_only=True)
+    short.loss.backward()
+    n = count_targets(batch["labels"])
+    assert short.logits.shape == (n, full.logits.shape[-1])
+    torch.testing.assert_close(short.logits, full.logits[:, :-1][batch["labels"][:, 1:] != -100])
+    torch.testing.assert_close(short.loss, full.loss, rtol=1e-6, atol=0)
+    for (name, p), want in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-5 * want.abs().max().item() + 1e-8, msg=name)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(batch["input_ids"], loss_only=True)
+
+    # A micro-batch without any target still gives every trainable parameter a (zero) gradient.
+    model.zero_grad(set_to_none=True)
+    empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    train_step(model, [empty, batch], params)
+    assert all(p.grad is not None for p in params)
+
+
 def test_evaluate_on_a_scene_dataset_reads_and_preprocesses_each_example_once(base_dir, processor, monkeypatch):
     from paligemma.demo.train import SceneDataset
 

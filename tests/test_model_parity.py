@@ -29,8 +29,10 @@ def test_logits_and_loss_match_reference(pair):
     with torch.no_grad():
         expected = reference(**batch)
         got = ours(**batch)
+        loss_only = ours(**batch, loss_only=True).loss  # the LM head on the labelled positions alone (training)
     torch.testing.assert_close(got.logits, expected.logits, atol=LOGIT_ATOL, rtol=0)
     torch.testing.assert_close(got.loss, expected.loss, atol=LOSS_ATOL, rtol=0)
+    torch.testing.assert_close(loss_only, expected.loss, atol=LOSS_ATOL, rtol=0)
 
 
 def test_sequence_longer_than_sliding_window(pair):

@@ -59,7 +59,8 @@ def evaluate(model: PaliGemma, processor, dataset: Sequence[Example], batch_size
             features = model.encode_images(pixel_values)  # (images, N, D), as generation would compute them
             with autocast_context(bf16, model.device):
                 # Under bf16 the images are encoded under autocast for the loss, as in training.
-                out = model(**batch, pixel_values=pixel_values) if bf16 else model(**batch, image_features=features)
+                out = (model(**batch, pixel_values=pixel_values, loss_only=True) if bf16
+                       else model(**batch, image_features=features, loss_only=True))
             n = count_targets(batch["labels"])
             loss_sum += float(out.loss) * n if n else 0.0
             tokens += n

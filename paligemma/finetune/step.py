@@ -77,7 +77,8 @@ def train_step(runner: nn.Module, micro_batches: Sequence[dict], params: Sequenc
     for index, (batch, count) in enumerate(zip(micro_batches, local_counts)):
         with gradient_sync(runner, sync=index == len(micro_batches) - 1):
             with autocast_context(bf16, device):
-                output = runner(**to_device(batch, device))
+                # The LM head runs on the answer positions only: logits (N, V), not (B, T, V).
+                output = runner(**to_device(batch, device), loss_only=True)
                 # mean * count = this micro-batch's summed token loss; no target at all keeps the graph.
                 token_sum = output.loss.float() * count if count else output.logits.sum() * 0.0
             # DDP and FSDP average gradients over processes, hence * world_size: we want their sum.
