@@ -10,14 +10,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from .errors import PaliGemmaError
 
 
 class ConfigError(PaliGemmaError, ValueError):
     """A config.json field is missing, of the wrong type, or inconsistent with another field."""
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ConfigError, missing: str = "") -> Any:
+    """The parsed JSON file at `path`. A missing file or one that is not UTF-8 JSON raises `error`
+    naming the file (`missing` is added to the "does not exist" message, e.g. what needs the file)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} does not exist{missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON: {err}") from None
 
 
 # Names of GELU variants that all mean the tanh approximation used by Gemma and SigLIP.
@@ -240,14 +254,7 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "PaliGemmaConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} does not exist: a checkpoint directory needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_hf_dict(raw)
+        return cls.from_hf_dict(read_json(path, ConfigError, ": a checkpoint directory needs a config.json"))
 
     def to_hf_dict(self) -> dict:
         """The HF `config.json` dict; transformers' PaliGemmaConfig reads it back to the same model."""

@@ -36,6 +36,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
+from .metrics import box_iou
 from .tokenizer import NUM_LOC_TOKENS
 
 _LOC_SCALE = NUM_LOC_TOKENS - 1  # big_vision's x1023 / /1023 (see module docstring)
@@ -235,15 +236,6 @@ def check_image_size(image_size: tuple[int, int]) -> None:
     """Raise ValueError unless `image_size` is (width, height), both > 0."""
     if len(image_size) != 2 or any(s <= 0 for s in image_size):
         raise ValueError(f"image_size must be (width, height) > 0, got {image_size}")
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two [x0, y0, x1, y1] boxes; 0 when both are empty."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(width, 0.0) * max(height, 0.0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def filter_detections(detections: Sequence[Detection], min_score: float | None = None,

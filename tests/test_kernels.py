@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from paligemma import kernels
-from paligemma.quantize import _int8_block, pack_int4, quantize_int4
+from paligemma.quantize import _int8_block, pack_int4, quantize_int4, unpack_int4
 
 KERNEL_LEVELS = [level for level in kernels.supported_levels() if level != "none"]
 
@@ -85,15 +85,6 @@ def test_int8_quantizing_kernel_matches_the_torch_arithmetic(ops, dtype, n, k, g
     ops.quantize_int8(weight, q, scales)
     expected_q, expected_scales = _int8_block(weight.float().clone(), group)
     assert torch.equal(q, expected_q) and torch.equal(scales, expected_scales)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The kernels' layout (N, K/2) -> q (N, K) 0..15: byte i of a 64-row block and column holds row i in
-    its low nibble and row 32 + i in its high one."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.view(n // 64, k, 32)
-    rows = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (N/64, K, 64)
-    return rows.permute(0, 2, 1).reshape(n, k)
 
 
 def _int4_reference(weight: torch.Tensor, group: int) -> torch.Tensor:

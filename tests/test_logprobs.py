@@ -9,8 +9,9 @@ from decoding_helpers import photos_fixture, tiny_pair_fixture
 
 import paligemma
 from paligemma.generation import generate_detailed, stream_generate
+from paligemma.metrics import box_iou
 from paligemma.sampling import SamplingParams, choice_seed, filter_logits
-from paligemma.tasks import Detection, TokenSpan, box_iou, filter_detections, parse_detections
+from paligemma.tasks import Detection, TokenSpan, filter_detections, parse_detections
 
 PROMPTS = ["caption en", "answer en how many circles are there?", "detect red circle"]
 

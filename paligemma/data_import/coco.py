@@ -18,12 +18,12 @@ list (`group=True`, the references an evaluation wants).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ..config import read_json
 from ..images import ImageError
 from ..vqvae import MaskCodec
 from .common import (
@@ -45,14 +45,9 @@ from .common import (
 )
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataImportError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataImportError(f"{path} is not valid JSON: {err}") from None
+def read_coco_json(path: str | os.PathLike) -> dict:
+    """A COCO annotations file (any kind: it has an 'images' list); DataImportError if it is not one."""
+    data = read_json(path, DataImportError)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataImportError(f"{path} is not a COCO file: no 'images' list")
     return data
@@ -64,7 +59,7 @@ def import_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike, w
     """Rows for every image of a COCO instances file; problems are reported in the result, not raised.
     on_bad: what a bad annotation leaves out, its "image" or only the "object" (common.keep_image)."""
     path = Path(annotations)
-    data = read_json(path)
+    data = read_coco_json(path)
     if not isinstance(data.get("categories"), list) or not isinstance(data.get("annotations"), list):
         raise DataImportError(f"{path} has no 'categories' and 'annotations' lists: not a COCO instances file "
                               "(captions files go through --format coco-captions)")
@@ -105,7 +100,7 @@ def import_coco_captions(annotations: str | os.PathLike, images_dir: str | os.Pa
                          prompt: str = "caption en", group: bool = False) -> ImportResult:
     """Rows for every caption of a COCO captions file (or one row per image with all of them, `group`)."""
     path = Path(annotations)
-    data = read_json(path)
+    data = read_coco_json(path)
     if not isinstance(data.get("annotations"), list):
         raise DataImportError(f"{path} has no 'annotations' list: not a COCO captions file")
     result = ImportResult()
