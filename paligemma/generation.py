@@ -39,8 +39,8 @@ class StreamEvent:
     choice: int = 0  # which of the prompt's `n` answers
 
 
-class _Row:
-    """Detokenization, stop handling and log-probs for one decoded row."""
+class DecodedRow:
+    """Detokenization, stop handling and log-probs for one decoded row (`stream_generate`'s and the server's)."""
 
     def __init__(self, tokenizer, stop: list[str], max_new_tokens: int, top_logprobs: int = 0):
         self.tokenizer = tokenizer
@@ -130,7 +130,7 @@ def stream_generate(model: PaliGemma, processor, images, prompts: str | Sequence
     stops = _row_stops(stop, batch)
     session = DecodeSession(model, inputs, [max_new[p] for p in rows], [params[p] for p in rows], seeds,
                             image_features, rows=rows, grammars=[grammars[p] for p in rows], top_logprobs=max(tops))
-    decoded = [_Row(processor.tokenizer, stops[p], max_new[p], tops[p]) for p in rows]
+    decoded = [DecodedRow(processor.tokenizer, stops[p], max_new[p], tops[p]) for p in rows]
     pad = torch.tensor(processor.tokenizer.pad_id)
     for _ in range(max(max_new)):
         drawn = session.sample()
@@ -138,7 +138,7 @@ def stream_generate(model: PaliGemma, processor, images, prompts: str | Sequence
         for r, row in enumerate(decoded):
             if row.finish_reason is not None:
                 continue
-            delta = row.add(tokens[r], logprobs[r], _alternatives(drawn, r, row.top_logprobs))
+            delta = row.add(tokens[r], logprobs[r], top_alternatives(drawn, r, row.top_logprobs))
             if row.finish_reason is None:
                 if delta:
                     yield StreamEvent(rows[r], delta, choice=choices[r])
@@ -151,7 +151,7 @@ def stream_generate(model: PaliGemma, processor, images, prompts: str | Sequence
         session.advance(torch.where(done.to(drawn.tokens.device), pad, drawn.tokens))
 
 
-def _alternatives(drawn: Choice, row: int, count: int) -> list[tuple[int, float]]:
+def top_alternatives(drawn: Choice, row: int, count: int) -> list[tuple[int, float]]:
     """Row `row`'s `count` best (token id, log-prob) of the step; tokens that could not be drawn are left out."""
     if not count:
         return []

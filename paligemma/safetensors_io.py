@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic_files import write_text_atomically, written_atomically
 from .hub import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -250,7 +251,7 @@ def write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_by
         if stale.name not in names:
             stale.unlink(missing_ok=True)
     for name, keys in zip(names, shards, strict=True):
-        with _written_atomically(directory / name) as tmp:
+        with written_atomically(directory / name) as tmp:
             save_file({key: tensors[key] for key in keys}, tmp, metadata={"format": "pt"})
     _write_index(directory, stem, names, shards, sum(t.numel() * t.element_size() for t in tensors.values()))
 
@@ -356,17 +357,4 @@ def _write_index(directory: Path, stem: str, names: list[str], shards: list[list
         return
     index = {"metadata": {"total_size": total},
              "weight_map": {key: name for name, keys in zip(names, shards, strict=True) for key in keys}}
-    with _written_atomically(directory / f"{stem}.safetensors.index.json") as tmp:
-        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _written_atomically(path: Path) -> Iterator[Path]:
-    """A temporary path next to `path` to write to, renamed to `path` (one step on POSIX) once written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomically(directory / f"{stem}.safetensors.index.json", json.dumps(index, indent=2) + "\n")

@@ -30,11 +30,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .atomic_files import written_atomically
 from .attention_mask import prefix_lm_mask
 from .errors import UsageError
 from .gemma import soft_cap
 from .model import PaliGemma
-from .safetensors_io import _written_atomically
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -256,7 +256,7 @@ def check_figure_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 def _save(fig, out_path, overwrite: bool) -> None:
     path = check_figure_path(out_path, overwrite)
-    with _written_atomically(path) as tmp:
+    with written_atomically(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), bbox_inches="tight")
 
 

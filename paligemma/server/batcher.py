@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..constrained import AnswerGrammar
-from ..generation import StreamEvent, _alternatives, _Row
+from ..generation import DecodedRow, StreamEvent, top_alternatives
 from ..model import PaliGemma
 from ..processor import Processor
 from ..sampling import SamplingParams
@@ -251,7 +251,7 @@ class BatchEngine:
                                     with_pixels=False)
             if int(inputs["attention_mask"].sum()) + job.max_tokens > self.context_length:
                 raise ValueError(f"prompt + max_tokens {job.max_tokens} exceed the context of {self.context_length}")
-            row = _LiveRow(job, _Row(self.processor.tokenizer, job.stop, job.max_tokens, job.top_logprobs),
+            row = _LiveRow(job, DecodedRow(self.processor.tokenizer, job.stop, job.max_tokens, job.top_logprobs),
                            int(inputs["attention_mask"].sum()), {"encode_images": encoded - start, "decode": 0.0})
             settings = (SamplingParams(job.temperature, job.top_p, job.top_k), job.seed, job.max_tokens,
                         job.top_logprobs, job.grammar)
@@ -307,7 +307,7 @@ class BatchEngine:
             start = time.perf_counter()
             choice = self.batch.sample()
             tokens, logprobs = choice.tokens.tolist(), choice.logprobs.tolist()  # one device sync per step
-            keep = [self._take(row, tokens[r], logprobs[r], _alternatives(choice, r, row.text.top_logprobs))
+            keep = [self._take(row, tokens[r], logprobs[r], top_alternatives(choice, r, row.text.top_logprobs))
                     for r, row in enumerate(self.batch.rows)]
             self.batch.advance(choice.tokens, keep)
         except Exception as err:  # a model failure: fail the running rows, keep serving
@@ -349,7 +349,7 @@ class _LiveRow:
     """A job in the running batch: its text so far (detokenized, stop strings) and its timings."""
 
     job: Job
-    text: _Row
+    text: DecodedRow
     prompt_tokens: int
     timings: dict
     pending: list = field(default_factory=list)  # tokens taken since the job's last event
