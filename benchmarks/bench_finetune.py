@@ -60,6 +60,7 @@ def worker(model_name: str, base: str, steps: int, rank: int) -> dict:
     model.vision_tower.gradient_checkpointing = model.language_model.gradient_checkpointing = True
     model.train()
     load_s = time.perf_counter() - started
+    load_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # the peak while loading
 
     config = model.config
     g = torch.Generator().manual_seed(0)
@@ -87,6 +88,7 @@ def worker(model_name: str, base: str, steps: int, rank: int) -> dict:
             "s_per_step": round(statistics.median(times[1:] or times), 2), "losses": losses,
             "cpu_s_per_step": round(statistics.median(cpu_times[1:] or cpu_times), 2),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+            "load_peak_rss_gib": round(load_rss_gib, 2),
             "trainable": sum(p.numel() for p in params)}
 
 

@@ -249,10 +249,21 @@ def _int8_block(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
 
 def quantize_int4(weight: Weights, group_size: int, pack=pack_int4) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit, per group: returns (packed (N, K/2) uint8, scales_zeros (K/g, N, 2) bf16).
-    `pack` is `pack_int4` (the kernels' layout) or `pack_int4_for_torch`."""
+    `pack` is `pack_int4` (the kernels' layout) or `pack_int4_for_torch`.
+
+    On one thread: a block is some 30 small torch ops, each a parallel region whose threads wait for
+    one another at its end; on a machine whose cores are busy with other work, a waiting thread's
+    partner is often descheduled, and a 2048 x 16384 matrix took 2.4-4 s of wall time on 2 threads
+    against 0.15 s on one (BENCHMARKS.md: 894 s to quantize PaliGemma 3B at load, on a loaded machine).
+    """
     parts, n, k = _stacked_rows(weight)
     outputs = [torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)]
-    return _by_row_blocks(parts, group_size, functools.partial(_int4_block, pack=pack), outputs, [0, 1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _by_row_blocks(parts, group_size, functools.partial(_int4_block, pack=pack), outputs, [0, 1])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def quantize_int8(weight: Weights, group_size: int, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -271,3 +271,20 @@ def test_two_processes_match_one_with_a_quantized_base(tmp_path, base_dir):
 
     assert len(losses(tmp_path / "one")) == 3
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
+def test_int4_quantization_runs_on_one_thread_and_leaves_the_thread_count_as_it_was():
+    """quantize_int4 works on one thread (its many small ops stall on busy machines otherwise) and gives
+    the bytes of the whole matrix quantized at once, on any number of threads."""
+    from paligemma.quantize import _int4_block, pack_int4, quantize_int4
+
+    weight = torch.randn(640, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        packed, scales_zeros = quantize_int4(weight, 64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    expected = _int4_block(weight.float(), 64, pack_int4)
+    assert torch.equal(packed, expected[0]) and torch.equal(scales_zeros, expected[1])
