@@ -42,3 +42,13 @@ def photos_fixture():
     def images(skimage_photos):
         return photos(skimage_photos)
     return images
+
+
+def written_answers(answer):
+    """A stand-in for `generate_detailed` from a function `answer(model, processor, images, prompts,
+    max_new_tokens)` that writes the answers' text: results without log-probs (a box then scores 1)."""
+    def generate_detailed(model, processor, images, prompts, max_new_tokens):
+        texts = answer(model, processor, images, prompts, max_new_tokens)
+        return [paligemma.GenerationResult(text, [], "eos", 0) for text in texts]
+
+    return generate_detailed

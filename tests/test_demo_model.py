@@ -1,9 +1,12 @@
 """The bundled demo model: it loads, answers held-out scenes, and transformers agrees with it."""
 
 import json
+import math
+import sys
 
 import pytest
 import torch
+from decoding_helpers import written_answers
 from PIL import Image
 
 import paligemma
@@ -13,6 +16,7 @@ from paligemma.demo import evaluate
 from paligemma.demo.evaluate import evaluate_demo
 from paligemma.demo.recipe import EVAL_SEED0
 from paligemma.demo.scenes import SHAPES, caption, generate_scene, scene_examples
+from paligemma.generation import GenerationResult
 
 EXAMPLE_SEED = 1_000_005_024
 PROMPTS = ["caption en", "detect circle", "detect square", "answer en how many circles are there?",
@@ -58,6 +62,7 @@ def test_scores_on_fixed_held_out_scenes(demo):
     assert scores.caption_exact_match >= 0.6
     assert scores.absent_shape_empty >= 0.9
     assert scores.malformed_detect_answers == 0
+    assert all(0.0 <= ap <= 1.0 for ap in (scores.detection_map, scores.detection_map50, scores.detection_map75))
 
 
 def test_transformers_loads_it_and_gives_the_same_greedy_answers(demo):
@@ -106,7 +111,7 @@ def test_multiclass_scores_from_written_answers(monkeypatch):
         return [dict(scene_examples(truth[image.tobytes()], codec, multiclass=True))[prompt]
                 for image, prompt in zip(images, prompts)]
 
-    monkeypatch.setattr(evaluate, "generate", perfect)
+    monkeypatch.setattr(evaluate, "generate_detailed", written_answers(perfect))
     scenes = list(truth.values())
     scores = evaluate.evaluate_multiclass(None, None, scenes, seed0, batch_size=5, codec=codec)
     assert len(prompts_seen) == 3 * n and scores.detect_prompts == 2 * n
@@ -124,12 +129,12 @@ def test_multiclass_scores_from_written_answers(monkeypatch):
         return [" ; ".join(f"{part.rsplit(' ', 1)[0]} {swap[part.rsplit(' ', 1)[1]]}" for part in a.split(" ; ") if a)
                 for a in answers]
 
-    monkeypatch.setattr(evaluate, "generate", relabelled)
+    monkeypatch.setattr(evaluate, "generate_detailed", written_answers(relabelled))
     wrong = evaluate.evaluate_multiclass(None, None, scenes, seed0, codec=None)
     assert (wrong.detection_recall, wrong.detection_precision) == (0.0, 0.0)  # objects never overlap
     assert wrong.unasked_labels > 0 and wrong.segmentation_miou is None
 
-    monkeypatch.setattr(evaluate, "generate", perfect)
+    monkeypatch.setattr(evaluate, "generate_detailed", written_answers(perfect))
     demo = evaluate_demo(None, None, num_scenes=n, seed0=seed0, codec=codec, multiclass=True)
     assert demo.multiclass == scores and demo.as_dict()["multiclass"]["detection_recall"] == 1.0
     assert "| multi-class detection recall (IoU >= 0.5) | 100.0% |" in demo.table()
@@ -140,11 +145,70 @@ def test_multiclass_scores_from_written_answers(monkeypatch):
 def test_demo_eval_command_reports_multiclass_unless_told_not_to(monkeypatch, capsys):
     seed0 = EVAL_SEED0 + 40_006
     truth = {generate_scene(seed0 + i).image.tobytes(): generate_scene(seed0 + i) for i in range(2)}
-    monkeypatch.setattr(evaluate, "generate", lambda model, processor, images, prompts, max_new_tokens: [
-        dict(scene_examples(truth[image.tobytes()], multiclass=True))[p] for image, p in zip(images, prompts)])
+    monkeypatch.setattr(evaluate, "generate_detailed", written_answers(lambda model, processor, images, prompts, _: [
+        dict(scene_examples(truth[image.tobytes()], multiclass=True))[p] for image, p in zip(images, prompts)]))
     arguments = ["demo-eval", "--scenes", "2", "--seed0", str(seed0), "--no-segmentation", "--json"]
     assert main(arguments) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["multiclass"]["detect_prompts"] == 4 and scores["multiclass"]["detection_recall"] == 1.0
+    assert scores["detection_map50"] == 1.0 and 0.9 < scores["detection_map"] <= 1.0
     assert main(arguments + ["--no-multiclass"]) == 0
     assert "multiclass" not in json.loads(capsys.readouterr().out)
+
+
+def test_demo_eval_detection_ap_ranks_boxes_by_their_decoding_scores(monkeypatch, capsys):
+    """Perfect detect answers, each with one extra box on nothing: AP stays 1 when the extra boxes
+    score below every true one, and falls when they score above; recall and precision do not move."""
+    seed0, n = EVAL_SEED0 + 40_006, 4
+    truth = {generate_scene(seed0 + i).image.tobytes(): generate_scene(seed0 + i) for i in range(n)}
+    stray = "<loc0000><loc0000><loc0004><loc0004>"  # a 1-pixel box in the corner: IoU < 0.5 with any object
+
+    def scored(stray_probability):
+        def generate_detailed(model, processor, images, prompts, max_new_tokens):
+            results = []
+            for image, prompt in zip(images, prompts):
+                answer = dict(scene_examples(truth[image.tobytes()]))[prompt]
+                if not prompt.startswith("detect "):
+                    results.append(GenerationResult(answer, [], "eos", 0))
+                    continue
+                parts = [(part, 0.9) for part in answer.split(" ; ") if part]
+                parts.append((f"{stray} {prompt.removeprefix('detect ')}", stray_probability))
+                results.append(_one_token_per_object(parts))
+            return results
+        return generate_detailed
+
+    scores = {}
+    for probability in (0.1, 0.99):
+        monkeypatch.setattr(evaluate, "generate_detailed", scored(probability))
+        scores[probability] = evaluate_demo(None, None, num_scenes=n, seed0=seed0)
+    low, high = scores[0.1], scores[0.99]
+    assert low.detection_recall == high.detection_recall == 1.0
+    assert low.detection_precision == high.detection_precision < 1.0
+    assert low.detection_map50 == 1.0 and 0.9 < low.detection_map <= 1.0
+    assert high.detection_map50 < 0.9 and high.detection_map < low.detection_map
+    assert low.as_dict()["detection_map50"] == 1.0
+    assert "| detection AP50 / AP75 | 1.000 / " in low.table()
+
+
+def test_demo_eval_without_pycocotools_still_scores(monkeypatch):
+    seed0 = EVAL_SEED0 + 40_006
+    truth = {generate_scene(seed0).image.tobytes(): generate_scene(seed0)}
+    monkeypatch.setattr(evaluate, "generate_detailed", written_answers(lambda model, processor, images, prompts, _: [
+        dict(scene_examples(truth[image.tobytes()]))[p] for image, p in zip(images, prompts)]))
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # as if not installed
+    scores = evaluate_demo(None, None, num_scenes=1, seed0=seed0)
+    assert scores.detection_recall == 1.0 and scores.detection_map is None
+    assert scores.as_dict()["detection_map"] is None and "needs pycocotools" in scores.table()
+
+
+def _one_token_per_object(parts: list[tuple[str, float]]) -> GenerationResult:
+    """A detect answer from (object text, probability) pairs, each object written by one token of that
+    probability and each " ; " by a token of probability 1."""
+    text, token_ids, logprobs, offsets = "", [], [], []
+    for index, (part, probability) in enumerate(parts):
+        if index:
+            text += " ; "
+            token_ids.append(0), logprobs.append(0.0), offsets.append(len(text))
+        text += part
+        token_ids.append(0), logprobs.append(math.log(probability)), offsets.append(len(text))
+    return GenerationResult(text, token_ids, "eos", 0, logprobs=logprobs, text_offsets=offsets)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from decoding_helpers import written_answers
 from PIL import Image
 
 import paligemma
@@ -514,7 +515,7 @@ def test_demo_eval_scores_segment_answers(monkeypatch):
             answers.append(dict(scenes.scene_examples(by_image[image.tobytes()], codec))[prompt])
         return answers
 
-    monkeypatch.setattr(evaluate, "generate", perfect)
+    monkeypatch.setattr(evaluate, "generate_detailed", written_answers(perfect))
     without = evaluate.evaluate_demo(None, None, num_scenes=n, seed0=seed0)
     assert not any(p.startswith("segment") for p in prompts_seen)
     assert without.segmentation_miou is None and "segmentation_miou" not in without.as_dict()
@@ -532,8 +533,8 @@ def test_demo_eval_scores_segment_answers(monkeypatch):
     assert "| segmentation mean mask IoU |" in scores.table()
 
     # An empty answer for every segment prompt: every object scores 0.
-    monkeypatch.setattr(evaluate, "generate", lambda m, p, images, prompts, max_new_tokens: [
-        "" if q.startswith("segment") else a for q, a in zip(prompts, perfect(m, p, images, prompts, 0))])
+    monkeypatch.setattr(evaluate, "generate_detailed", written_answers(lambda m, p, images, prompts, max_new_tokens: [
+        "" if q.startswith("segment") else a for q, a in zip(prompts, perfect(m, p, images, prompts, 0))]))
     assert evaluate.evaluate_demo(None, None, num_scenes=n, seed0=seed0, codec=codec).segmentation_miou == 0.0
 
 

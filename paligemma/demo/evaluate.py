@@ -3,6 +3,11 @@
 - detection recall: of all objects, the fraction found by `detect {shape}` with a box of the
   right label at IoU >= 0.5 (each predicted box matches at most one object); precision alongside,
   and how often `detect` of an absent shape correctly answers nothing.
+- detection AP: COCO's box mAP@[.5:.95], AP50 and AP75 over the same `detect {shape}` answers
+  (`paligemma.metrics.detection_map`, pycocotools' COCOeval; each prompt is one COCO image whose
+  ground truth is the asked shape's objects). Each box is ranked by its score, the probability the
+  model wrote it with (`GenerationResult.token_spans()`, as `paligemma eval` scores). None when
+  pycocotools is not installed (`pip install 'paligemma[eval]'`).
 - counting: `answer en how many {shape}s are there?` for every shape, exact match.
 - colour: `answer en what color is the {shape}?` for every shape present exactly once, exact match.
 - captions: `caption en`, exact match of the whole sentence, and CIDEr-D over all scenes (one
@@ -21,20 +26,21 @@
   not name matches nothing); recall is over the objects of the asked shapes, precision over every
   predicted box; prompts naming only absent shapes should get an empty answer.
 
-The matching and the averages are `paligemma.metrics`' (`detection_matches`, `mask_miou`,
-`greedy_match`), the functions `paligemma eval` scores with; the numbers are the ones this module
+The matching and the averages are `paligemma.metrics`' (`detection_matches`, `detection_map`,
+`mask_miou`, `greedy_match`), the functions `paligemma eval` scores with; the numbers are the ones this module
 computed with its own matchers before (same definitions), except that a multi-class segmentation
 score over no true object at all is now NaN (undefined) instead of 0.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..generation import generate
-from ..metrics import cider, detection_matches, greedy_match, mask_iou, mask_miou
+from ..generation import generate_detailed
+from ..metrics import cider, detection_map, detection_matches, greedy_match, mask_iou, mask_miou
 from ..segmentation import parse_segmentations
 from ..tasks import parse_detections
 from .recipe import EVAL_SEED0, SCENE_SIZE
@@ -103,19 +109,29 @@ class DemoScores:
     segment_predictions: int | None = None  # masks labelled with the asked shape, matched or not
     malformed_segment_answers: int | None = None
     multiclass: MulticlassScores | None = None  # only when asked for (demo-eval does)
+    # COCO box AP of the single-class detect answers (metrics.detection_map); None without pycocotools.
+    detection_map: float | None = None  # mAP@[.5:.95]
+    detection_map50: float | None = None
+    detection_map75: float | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not (v is None and k in _SEGMENT_FIELDS)}
 
     def table(self) -> str:
-        rows = [("detection recall (IoU >= 0.5)", self.detection_recall),
-                ("detection precision", self.detection_precision),
-                ("absent shape -> empty answer", self.absent_shape_empty),
-                ("counting accuracy", self.counting_accuracy), ("colour accuracy", self.color_accuracy),
-                ("caption exact match", self.caption_exact_match)]
+        if self.detection_map is None:
+            ap = [("detection AP", "needs pycocotools: pip install 'paligemma[eval]'")]
+        else:
+            ap = [("detection AP (COCO mAP@[.5:.95])", f"{self.detection_map:.3f}"),
+                  ("detection AP50 / AP75", f"{self.detection_map50:.3f} / {self.detection_map75:.3f}")]
+        rows = [("detection recall (IoU >= 0.5)", f"{self.detection_recall:.1%}"),
+                ("detection precision", f"{self.detection_precision:.1%}"), *ap,
+                ("absent shape -> empty answer", f"{self.absent_shape_empty:.1%}"),
+                ("counting accuracy", f"{self.counting_accuracy:.1%}"),
+                ("colour accuracy", f"{self.color_accuracy:.1%}"),
+                ("caption exact match", f"{self.caption_exact_match:.1%}"),
+                ("caption CIDEr-D", f"{self.caption_cider:.3f}")]
         lines = [f"| metric ({self.scenes} held-out scenes) | score |", "|---|---|"]
-        lines += [f"| {name} | {value:.1%} |" for name, value in rows]
-        lines.append(f"| caption CIDEr-D | {self.caption_cider:.3f} |")
+        lines += [f"| {name} | {value} |" for name, value in rows]
         if self.segmentation_miou is not None:
             lines.append(f"| segmentation mean mask IoU | {self.segmentation_miou:.1%} |")
         lines.append(f"| malformed detect answers | {self.malformed_detect_answers} |")
@@ -147,13 +163,16 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
             items += [("segment", index, s, segment_prompt(s), None) for s in SHAPES if count(scene, s)]
 
     answers: dict[int, str] = {}
+    spans: dict[int, list | None] = {}  # detect answers' token spans: each box's score, for AP
     for task, max_new_tokens in _MAX_NEW_TOKENS.items():
         positions = [i for i, item in enumerate(items) if item[0] == task]
         for start in range(0, len(positions), batch_size):
             chunk = positions[start:start + batch_size]
-            texts = generate(model, processor, [scenes[items[i][1]].image for i in chunk],
-                             [items[i][3] for i in chunk], max_new_tokens=max_new_tokens)
-            answers.update(zip(chunk, texts))
+            results = generate_detailed(model, processor, [scenes[items[i][1]].image for i in chunk],
+                                        [items[i][3] for i in chunk], max_new_tokens=max_new_tokens)
+            answers.update((i, result.text) for i, result in zip(chunk, results))
+            if task == "detect":
+                spans.update((i, result.token_spans()) for i, result in zip(chunk, results))
             if progress is not None:
                 progress(len(answers), len(items))
 
@@ -174,13 +193,14 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
             exact[task].append(answers[i].strip() == expected)
             captions += [(answers[i], expected)] if task == "caption" else []
             continue
-        result = parse_detections(answers[i], (SCENE_SIZE, SCENE_SIZE))
+        result = parse_detections(answers[i], (SCENE_SIZE, SCENE_SIZE), spans[i])
         malformed += bool(result.errors)
         if not asked:
             absent_empty.append(not result.objects and not result.errors)
         detected.append(result.objects)
         true_boxes.append([(o.shape, o.box) for o in asked])
     boxes = detection_matches(detected, true_boxes, IOU_THRESHOLD)
+    ap = _detection_ap(detected, true_boxes)
 
     def mean(values):
         return sum(values) / len(values) if values else float("nan")
@@ -191,11 +211,18 @@ def evaluate_demo(model, processor, num_scenes: int = 500, seed0: int = EVAL_SEE
         counting_accuracy=mean(exact["count"]), color_accuracy=mean(exact["color"]),
         caption_exact_match=mean(exact["caption"]),
         caption_cider=cider([a for a, _ in captions], [[r] for _, r in captions]), malformed_detect_answers=malformed,
+        detection_map=ap.get("map"), detection_map50=ap.get("map50"), detection_map75=ap.get("map75"),
         **({} if codec is None else dict(segmentation_miou=mask_miou(segmented, true_masks),
                                          segment_predictions=segment_predictions,
                                          malformed_segment_answers=segment_malformed)),
         multiclass=evaluate_multiclass(model, processor, scenes, seed0, batch_size, codec) if multiclass else None,
     )
+
+
+def _detection_ap(detected: list, true_boxes: list) -> dict[str, float]:
+    """`metrics.detection_map`'s {"map", "map50", "map75"}, or {} without pycocotools (an optional
+    package: the other scores do not need it)."""
+    return detection_map(detected, true_boxes) if importlib.util.find_spec("pycocotools") else {}
 
 
 def multiclass_labels(seed: int) -> tuple[list[str], list[str], list[str]]:
@@ -220,8 +247,9 @@ def evaluate_multiclass(model, processor, scenes: list, seed0: int, batch_size: 
         answers = []
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            answers += generate(model, processor, [scenes[index].image for index, _ in chunk],
-                                [prompt(labels) for _, labels in chunk], max_new_tokens=max_new_tokens)
+            results = generate_detailed(model, processor, [scenes[index].image for index, _ in chunk],
+                                        [prompt(labels) for _, labels in chunk], max_new_tokens=max_new_tokens)
+            answers += [result.text for result in results]
         return answers
 
     # A scene has at most 4 objects whatever the prompt asks, so single-class answer lengths suffice.
