@@ -28,6 +28,8 @@ also makes both implementations' torch (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX
 (MKL_ENABLE_INSTRUCTIONS) run their AVX2 code, so that an AVX-512 machine measures both sides as an
 AVX2-only CPU would run them. `--threads 2,1` repeats everything per thread count, one table each.
 `--reference-fp32` adds transformers in float32 (what a user without fast bf16 might pick instead).
+`--device cuda` runs both implementations on the GPU (timers synchronize it; quantized rows, which are
+CPU kernels, are skipped; peak GPU memory is added; the bandwidth probe sums 1 GiB on the GPU).
 
 Random weights give random tokens, which is all a timing needs. Never imported by the tests.
 """
@@ -127,7 +129,7 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
-def _inputs(config, batch: int):
+def _inputs(config, batch: int, device: str = "cpu"):
     import torch
     g = torch.Generator().manual_seed(batch)
     n = config.num_image_tokens
@@ -136,7 +138,13 @@ def _inputs(config, batch: int):
     ids = torch.cat([torch.full((batch, n), config.image_token_index), text], dim=1)
     size = config.vision.image_size
     pixels = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
-    return ids, torch.ones_like(ids), pixels
+    return ids.to(device), torch.ones_like(ids).to(device), pixels.to(device)
+
+
+def _synchronizer(device: str):
+    """A function that waits for `device`'s queued work (CUDA runs asynchronously), so timers see it done."""
+    import torch
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 def worker(args) -> dict:
@@ -147,13 +155,15 @@ def worker(args) -> dict:
     directory = checkpoint_dir(args.model, args.quantize if args.saved else None)
     from paligemma.config import PaliGemmaConfig
     config = PaliGemmaConfig.from_json_file(directory / "config.json")
-    ids1, mask1, pix1 = _inputs(config, 1)
+    ids1, mask1, pix1 = _inputs(config, 1, args.device)
+    sync = _synchronizer(args.device)
     out = {}
     if args.impl == "ours":
         from paligemma.loading import load_model
         start = time.perf_counter()
         quantize = None if args.saved else args.quantize  # a saved quantized checkpoint loads as it is
-        model = load_model(directory, dtype=dtype, quantize=quantize, optimize=not args.no_optimize)
+        model = load_model(directory, dtype=dtype, quantize=quantize, optimize=not args.no_optimize,
+                           device=args.device)
         out["load"] = time.perf_counter() - start
         if args.load_only:
             out["peak_rss_gb"] = _rss_gb()
@@ -170,10 +180,12 @@ def worker(args) -> dict:
         def decode(ids, mask, feats, steps):
             logits, cache = prefill(ids, mask, feats)
             positions = mask.sum(-1)
+            sync()
             start = time.perf_counter()
             for _ in range(steps):
                 positions = positions + 1
                 logits = model.decode_step(logits.argmax(-1), positions, cache)
+            sync()
             return time.perf_counter() - start
 
         with torch.inference_mode():
@@ -181,18 +193,19 @@ def worker(args) -> dict:
             logits, _ = prefill(ids1, mask1, feats)
             int(logits.argmax(-1)[0])
             out["cold_start"] = time.time() - t_launch
-            out["encode"] = _median(lambda: encode(pix1), args.inner)
-            out["prefill"] = _median(lambda: prefill(ids1, mask1, feats), args.inner)
+            out["encode"] = _median(lambda: encode(pix1), args.inner, sync)
+            out["prefill"] = _median(lambda: prefill(ids1, mask1, feats), args.inner, sync)
             out["decode_b1"] = new_tokens / decode(ids1, mask1, feats, new_tokens)
             if args.batch8:
-                ids8, mask8, pix8 = _inputs(config, 8)
+                ids8, mask8, pix8 = _inputs(config, 8, args.device)
                 feats8 = encode(pix8)
                 out["decode_b8"] = 8 * new_tokens / decode(ids8, mask8, feats8, new_tokens)
         out["weight_bytes"] = _decode_bytes(model)
     else:
         from transformers import PaliGemmaForConditionalGeneration
         start = time.perf_counter()
-        model = PaliGemmaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+        model = PaliGemmaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval().to(args.device)
+        sync()
         out["load"] = time.perf_counter() - start
 
         def generate(ids, mask, pixels, new):
@@ -201,36 +214,42 @@ def worker(args) -> dict:
                                   do_sample=False)
 
         def timed(f):
+            sync()
             start = time.perf_counter()
             f()
+            sync()
             return time.perf_counter() - start
 
         with torch.inference_mode():
             generate(ids1, mask1, pix1, 1)
             out["cold_start"] = time.time() - t_launch
-            out["encode"] = _median(lambda: model.model.get_image_features(pix1.to(dtype)), args.inner)
+            out["encode"] = _median(lambda: model.model.get_image_features(pix1.to(dtype)), args.inner, sync)
             # prefill = encode + prompt forward + first token, minus the encode timed above
             first = statistics.median(timed(lambda: generate(ids1, mask1, pix1, 1)) for _ in range(args.inner))
             out["prefill"] = first - out["encode"]
             new = args.new_tokens
             out["decode_b1"] = new / (timed(lambda: generate(ids1, mask1, pix1, new + 1)) - first)
             if args.batch8:
-                ids8, mask8, pix8 = _inputs(config, 8)
+                ids8, mask8, pix8 = _inputs(config, 8, args.device)
                 first8 = timed(lambda: generate(ids8, mask8, pix8, 1))
                 elapsed = timed(lambda: generate(ids8, mask8, pix8, new + 1)) - first8
                 out["decode_b8"] = 8 * new / elapsed
         out["weight_bytes"] = _decode_bytes(model)
     out["total_weight_bytes"] = _decode_bytes(model, vision=True)
     out["peak_rss_gb"] = _rss_gb()
+    if args.device.startswith("cuda"):
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     return out
 
 
-def _median(f, n: int) -> float:
+def _median(f, n: int, sync) -> float:
     f()  # warm-up
     times = []
     for _ in range(n):
+        sync()
         start = time.perf_counter()
         f()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -271,16 +290,20 @@ def _module_tensors(module):
 
 # ---------------------------------------------------------------------- driver
 
-def streaming_bandwidth(threads: int) -> float:
-    """GB/s of summing a 1 GiB float32 tensor (best of 5), the streaming read limit for this thread count."""
+def streaming_bandwidth(threads: int, device: str = "cpu") -> float:
+    """GB/s of summing a 1 GiB float32 tensor (best of 5) on `device`, the streaming read limit for this
+    thread count (on the CPU) or of the GPU's memory."""
     import torch
     torch.set_num_threads(threads)
-    x = torch.empty(256 * 1024**2).uniform_()
+    sync = _synchronizer(device)
+    x = torch.empty(256 * 1024**2, device=device).uniform_()
     x.sum()
     best = float("inf")
     for _ in range(5):
+        sync()
         start = time.perf_counter()
         x.sum()
+        sync()
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best / 1e9
 
@@ -324,7 +347,7 @@ def warm_page_cache(directory: Path) -> bool:
 
 def run_worker(args, impl: str, model: str, dtype: str, quantize: str | None, saved: bool = False) -> dict:
     warmed = warm_page_cache(checkpoint_dir(model, quantize if saved else None))
-    cmd = [sys.executable, __file__, "--worker", impl, "--models", model, "--dtypes", dtype,
+    cmd = [sys.executable, __file__, "--worker", impl, "--models", model, "--dtypes", dtype, "--device", args.device,
            "--threads", str(args.threads), "--inner", str(args.inner), "--new-tokens", str(args.new_tokens)]
     cmd += ["--quantize", quantize or ""]
     if (quantize or dtype) in args.batch8.split(","):
@@ -370,6 +393,7 @@ def main(argv=None):
                         "(slow for transformers), e.g. bf16,int4; default none")
     parser.add_argument("--no-transformers", action="store_true", help="measure ours only")
     parser.add_argument("--no-optimize", action="store_true", help="ours without fused/packed inference layout")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both implementations; default cpu)")
     parser.add_argument("--prepare", action="store_true", help="only write the checkpoints")
     parser.add_argument("--json-out", help="also write the raw results here")
     parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
@@ -407,7 +431,7 @@ def measure(args, models: list[str]):
     """(streaming bandwidth, [(model, dtype, quant, {"ours": [...], "transformers": [...]})]) at args.threads."""
     env = isa_environment(args.isa)
     os.environ.update(env)  # the bandwidth probe runs here, as the workers will
-    bandwidth = streaming_bandwidth(args.threads)
+    bandwidth = streaming_bandwidth(args.threads, args.device)
     print(f"streaming bandwidth ({args.threads} thread(s)): {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
     for model in models:
@@ -418,7 +442,7 @@ def measure(args, models: list[str]):
                 if not args.no_transformers:
                     runs["transformers"].append(run_worker(args, "transformers", model, dtype, None))
             rows.append((model, dtype, None, runs))
-        for quant in [q for q in args.quantize.split(",") if q]:
+        for quant in [q for q in args.quantize.split(",") if q and args.device == "cpu"]:  # CPU kernels
             runs = {"ours": [run_worker(args, "ours", model, "bf16", quant) for _ in range(args.repeats)],
                     "transformers": []}
             rows.append((model, "bf16", quant, runs))
@@ -435,7 +459,8 @@ def measure(args, models: list[str]):
 
 METRICS = [("load", "load s", False), ("peak_rss_gb", "peak RSS GiB", False), ("encode", "encode s", False),
            ("prefill", "prefill s", False), ("decode_b1", "decode b1 tok/s", True),
-           ("decode_b8", "decode b8 tok/s", True), ("cold_start", "cold start s", False)]
+           ("decode_b8", "decode b8 tok/s", True), ("cold_start", "cold start s", False),
+           ("peak_gpu_gib", "peak GPU memory GiB", False)]
 
 
 def _med(runs: list[dict], key: str):

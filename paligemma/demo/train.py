@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-from ..cli_common import DEMO_MASK_CODEC, load
+from ..cli_common import DEMO_MASK_CODEC, add_device_argument, load, parse_device
 from ..finetune.data import Example, FinetuneDataset
 from ..finetune.trainer import TrainConfig, train
 from ..vqvae import MASK_CODEC_FILE, MaskCodec, load_mask_codec
@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--init", help="start from this checkpoint instead of fresh weights")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an existing --out (deletes the trainer's files there; --init is kept)")
+    add_device_argument(parser)
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="DataLoader worker processes drawing the scenes (0: in the training process)")
     parser.add_argument("--vision-init", type=Path,
                         help="start the vision tower from this vision_tower.safetensors (written by "
                              "python -m paligemma.demo.pretrain_vision) instead of random weights")
@@ -91,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=str(out), model_dir=str(init), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         warmup_steps=args.warmup_steps, min_lr_ratio=0.05, weight_decay=args.weight_decay, max_grad_norm=1.0,
         bf16=True, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every, log_every=10,
-        resume=args.resume, eval_batch_size=64, freeze=("vision",) if args.freeze_vision else (),
-        extra_files=extra_files,
+        resume=args.resume, overwrite=args.overwrite, eval_batch_size=64,
+        device=str(parse_device(args.device)), num_workers=args.num_workers,
+        freeze=("vision",) if args.freeze_vision else (), extra_files=extra_files,
     )
     train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0 + args.first_scene, codec, mix)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
