@@ -16,7 +16,7 @@ import torch
 
 def prefix_lm_mask(query_slots: torch.Tensor, query_is_prefix: torch.Tensor, key_valid: torch.Tensor,
                    key_is_prefix: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask (B, 1, T, S): 0 where allowed, the dtype's minimum elsewhere.
+    """Additive attention mask (B, 1, T, S): 0 where allowed, `masked_value(dtype)` elsewhere.
 
     query_slots (T,) sequence indices of the queries; query_is_prefix (B, T); key_valid and
     key_is_prefix (B, S) for keys at sequence indices 0..S-1.
@@ -28,7 +28,14 @@ def prefix_lm_mask(query_slots: torch.Tensor, query_is_prefix: torch.Tensor, key
         causal = causal & (distance < window)
     both_prefix = query_is_prefix[:, :, None] & key_is_prefix[:, None, :]  # (B, T, S)
     allowed = key_valid[:, None, :] & (both_prefix | causal[None])
-    # The dtype's minimum rather than -inf: a fully masked row (a padding query) then gives a uniform
-    # softmax instead of NaNs that would leak into gradients.
+    # A large finite value rather than -inf: a fully masked row (a padding query) then gives a uniform
+    # softmax instead of NaNs that would leak into gradients. Not float32's minimum, which rounds to -inf
+    # when bf16 autocast casts the mask for attention (CUDA's SDPA then returns NaN rows): the larger of
+    # the dtype's and bfloat16's minimum, finite in both.
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    return mask.masked_fill_(~allowed, masked_value(dtype))[:, None]
+
+
+def masked_value(dtype: torch.dtype) -> float:
+    """The additive mask's value for a forbidden key: finite in `dtype` and in bfloat16."""
+    return max(torch.finfo(dtype).min, torch.finfo(torch.bfloat16).min)

@@ -17,6 +17,7 @@ from PIL import Image
 from tiny_models import random_batch, tiny_config, write_complete_checkpoint, write_hf_checkpoint
 
 import paligemma
+from paligemma.attention_mask import prefix_lm_mask
 from paligemma.cli_common import load, parse_device
 from paligemma.finetune import step as step_module
 from paligemma.finetune.distributed import process_device
@@ -95,6 +96,35 @@ def test_one_finetuning_step_on_the_device(device, how, reference_dir):
         cpu_model = _finetune_model(directory, "cpu", how)
         cpu_loss, _ = train_step(cpu_model, [batch], [p for p in cpu_model.parameters() if p.requires_grad])
         assert loss == pytest.approx(cpu_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_steps_on_a_padded_batch_stay_finite(device, reference_dir):
+    """Padding queries are fully masked rows. Their mask must stay finite when bf16 autocast casts it: float32's
+    minimum rounds to -inf in bf16, and CUDA's attention then returns NaN rows whose gradients turned every
+    weight into NaN after one step (the demo's first GPU run)."""
+    config, _, directory = reference_dir
+    batch = random_batch(config, seed=4)
+    batch["attention_mask"][1, -3:] = 0  # row 1 ends in 3 padding tokens
+    batch["labels"][1, -3:] = -100
+    model = _finetune_model(directory, device, "full")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for _ in range(2):
+        loss, grad_norm = train_step(model, [batch], params, bf16=True)
+        assert all(torch.isfinite(p.grad).all() for p in params) and torch.isfinite(torch.tensor(grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.isfinite(torch.tensor(loss))
+
+
+def test_the_attention_mask_stays_finite_in_every_compute_dtype():
+    valid = torch.tensor([[True, True, False]])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        mask = prefix_lm_mask(torch.arange(3), valid, valid, valid, None, dtype)
+        for compute in (torch.bfloat16, torch.float16 if dtype == torch.float16 else torch.bfloat16):
+            assert torch.isfinite(mask.to(compute)).all(), (dtype, compute)
+        assert mask.min() < -1e4  # still a mask
 
 
 def test_auto_is_cuda_when_there_is_one():
