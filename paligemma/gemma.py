@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .embedding import new_embedding
 from .kv_cache import KVCache
 
 
@@ -169,7 +170,7 @@ class GemmaDecoder(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = new_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False

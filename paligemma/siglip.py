@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .embedding import new_embedding
 
 
 class SiglipEmbeddings(nn.Module):
@@ -19,7 +20,7 @@ class SiglipEmbeddings(nn.Module):
         # A stride-14 convolution is a linear map applied to each non-overlapping 14x14 patch.
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
                                          kernel_size=config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+        self.position_embedding = new_embedding(config.num_patches, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/14, W/14)

@@ -1,6 +1,8 @@
 """Config parsing, released presets, and the strict checkpoint loader / saver."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from tiny_models import random_batch, tiny_config, write_hf_checkpoint
 import paligemma
 from paligemma import CheckpointError, ConfigError, PaliGemma, PaliGemmaConfig
 from paligemma.config import PRESETS
+from paligemma.embedding import new_embedding
 
 # config.json of google/paligemma-3b-pt-224 and google/paligemma2-3b-pt-448 as published.
 HUB_PG1_224 = {
@@ -154,6 +157,23 @@ def test_loaded_model_has_no_meta_tensors_and_keeps_dtype(checkpoint, tmp_path):
     assert model.dtype == torch.float32 and not model.training
     tensors = {k: v.to(torch.bfloat16) for k, v in load_file(directory / "model.safetensors").items()}
     assert paligemma.load_model(_copy_with(tmp_path, directory, tensors)).dtype == torch.bfloat16
+
+
+def test_loading_does_not_import_the_compiler(checkpoint):
+    """Building on the meta device skips nn.Embedding's initializer, which there imports torch._dynamo
+    (~1.5 s of every process's first load); anywhere else the table is initialized as nn.Embedding's."""
+    _, directory, _ = checkpoint
+    code = ("import sys, paligemma; paligemma.load_model(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr
+    torch.manual_seed(0)
+    ours = new_embedding(300, 40)
+    torch.manual_seed(0)
+    assert torch.equal(ours.weight, torch.nn.Embedding(300, 40).weight)
+    with torch.device("meta"):
+        empty = new_embedding(300, 40)
+    assert empty.weight.is_meta and empty.weight.shape == (300, 40) and empty.weight.requires_grad
 
 
 def test_sharded_checkpoint_round_trip(checkpoint, tmp_path):
