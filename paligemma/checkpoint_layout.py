@@ -74,12 +74,7 @@ def load_weights(model: nn.Module, directory: Path, dtype: torch.dtype | None = 
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     sources = match_tensors(headers, expected, model.config.tie_word_embeddings)
     if dtype is None:
-        dtype = _majority_dtype(sources)
-        if dtype == torch.float16:
-            warnings.warn(f"{directory} stores its weights in float16: loading them as float32, because Gemma's "
-                          "activations overflow float16 (pass dtype=torch.float16 to keep it, or torch.bfloat16 "
-                          "for half the memory)", stacklevel=3)
-            dtype = torch.float32
+        dtype = default_dtype(majority_dtype(sources), f"{directory} stores its weights")
     state = {}
     for file, names in _group_by_file(sources).items():
         state.update(read_tensors(file, names, dtype, device))
@@ -155,8 +150,19 @@ def match_tensors(headers: Iterable[tuple[Path, str, tuple[int, ...], str]], exp
     return sources
 
 
-def _majority_dtype(sources: dict) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's parameters."""
+def default_dtype(stored: torch.dtype, what: str) -> torch.dtype:
+    """The dtype to load weights stored mostly in `stored` as, when no dtype is asked for: `stored`, except
+    float16, which becomes float32 with a warning that starts with `what` (Gemma's activations overflow
+    float16). Float and quantized checkpoints alike."""
+    if stored != torch.float16:
+        return stored
+    warnings.warn(f"{what} in float16: loading them as float32, because Gemma's activations overflow float16 "
+                  "(pass dtype=torch.float16 to keep it, or torch.bfloat16 for half the memory)", stacklevel=4)
+    return torch.float32
+
+
+def majority_dtype(sources: dict) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's parameters (`sources` as `match_tensors` returns)."""
     counts = Counter()
     for _, _, dtype, numel in sources.values():
         counts[dtype] += numel

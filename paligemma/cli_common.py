@@ -56,7 +56,8 @@ def add_model_arguments(parser, *, required: bool = False, default_dtype: str | 
                         help="weight-only quantization of the decoder and LM head at load time (CPU)")
     parser.add_argument("--no-optimize", action="store_true",
                         help="load the model as trained instead of rewritten for inference (fused, prepacked "
-                             "matrices and the bf16 decode kernel; see paligemma/inference.py)")
+                             "matrices and the bf16 decode kernel; see paligemma/inference.py); not for a "
+                             "quantized checkpoint, which loads only laid out for inference")
 
 
 def add_device_argument(parser) -> None:
@@ -107,7 +108,7 @@ def mask_codec_path(directory: str | Path, mask_codec: str | Path | None = None)
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         optimize: bool = False, quantize: str | None = None, *, mask_codec: str | Path | None = None,
+         optimize: bool | None = None, quantize: str | None = None, *, mask_codec: str | Path | None = None,
          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[PaliGemma, Processor, MaskCodec | None]:
     """Load a checkpoint (directory or Hub repo id) as the commands do: the model (`load_model`), its
     processor (`load_processor`, decoding images of at most `max_pixels`) and the mask codec for

@@ -22,7 +22,7 @@ from .quantized_checkpoint import load_quantized_model, quantization_scheme
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               quantize: str | None = None, optimize: bool = False,
+               quantize: str | None = None, optimize: bool | None = None,
                config: PaliGemmaConfig | str | None = None) -> PaliGemma:
     """Load a PaliGemma checkpoint directory (or Hub repo id) in HF layout, in eval mode.
 
@@ -33,13 +33,15 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     dtype=None keeps the checkpoint's dtype (the one most of its weights are stored in), but
     float16 becomes float32 with a warning (Gemma overflows in float16); dtype=torch.float16 keeps it.
     optimize=True rewrites the model for fast inference (fused, prepacked matrices; see inference.py):
-    same outputs, but it can no longer be trained. quantize="int8" | "int4" (CPU) also makes the
-    decoder's weights and the LM head weight-only quantized, implying optimize.
+    same outputs, but it can no longer be trained; None (the default) is False for a float checkpoint.
+    quantize="int8" | "int4" (CPU) also makes the decoder's weights and the LM head weight-only
+    quantized, implying optimize.
 
     A quantized checkpoint (written by `save_pretrained` of a quantized model or `paligemma quantize`;
-    quantized_checkpoint.py) loads as it was saved, quantized and optimized, whatever `optimize` says,
-    as a memory map of its files; `quantize`, if given, must be its mode, and `dtype` applies to its
-    float parts (vision tower, embedding, norms).
+    quantized_checkpoint.py) loads as it was saved, quantized and optimized, as a memory map of its
+    files: optimize=False is refused (UsageError; load the float checkpoint it was made from instead),
+    `quantize`, if given, must be its mode, and `dtype` applies to its float parts (vision tower,
+    embedding, norms), float16 becoming float32 as above.
     """
     if str(path).endswith(".npz"):
         with torch.device("meta"):
@@ -51,6 +53,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         directory = resolve_checkpoint(path)
         checkpoint_config = PaliGemmaConfig.from_json_file(directory / "config.json")
         if quantization_scheme(checkpoint_config) is not None:
+            if optimize is False:
+                raise UsageError(f"{directory} is a quantized checkpoint: it loads only quantized and laid out for "
+                                 "inference, so optimize=False (--no-optimize) cannot be honoured; drop it, or load "
+                                 "the float checkpoint it was made from")
             return load_quantized_model(directory, checkpoint_config, dtype, device, quantize)
         # Headers first: a config.json at odds with its weights (6000 layers) fails before the model is built.
         headers = checkpoint_headers(directory, checkpoint_config)

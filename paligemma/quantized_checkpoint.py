@@ -40,7 +40,9 @@ from .checkpoint_layout import (
     QUANTIZED_STEM,
     checkpoint_config,
     checkpoint_headers,
+    default_dtype,
     hub_key,
+    majority_dtype,
     match_tensors,
     refuse_quantized,
 )
@@ -105,7 +107,8 @@ def load_quantized_model(directory: Path, config: PaliGemmaConfig, dtype: torch.
         raise CheckpointError(f"{directory} is a quantized checkpoint: it runs on the CPU only, not on {device}")
     headers = checkpoint_headers(directory, config, stem=QUANTIZED_STEM)
     if dtype is None:
-        dtype = _float_dtype(headers)
+        dtype = default_dtype(_float_dtype(headers), f"{directory} stores its float weights (vision tower, embedding, "
+                              "norms)")
     model = quantized_skeleton(config, mode, group_size, dtype)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     sources = match_tensors(headers, expected, config.tie_word_embeddings)
@@ -170,10 +173,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, mode: str, group_si
         float_model = PaliGemma(config)
     sources = match_tensors(headers, {n: tuple(p.shape) for n, p in float_model.state_dict().items()},
                             config.tie_word_embeddings)
-    counts = Counter()
-    for _, _, dtype_name, numel in sources.values():
-        counts[DTYPES[dtype_name]] += numel
-    dtype = counts.most_common(1)[0][0]  # the source's: float parts are copied as they are
+    dtype = majority_dtype(sources)  # the source's: float parts are copied as they are
     model = quantized_skeleton(config, mode, group_size, dtype)
     layout = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from tiny_models import random_batch, tiny_config, write_complete_checkpoint
 import paligemma
 from paligemma import cli, kernels, quantize, quantized_checkpoint
 from paligemma.checkpoint_layout import QUANTIZED_STEM, load_weights
+from paligemma.cli_common import EXAMPLE_IMAGE
 from paligemma.config import PaliGemmaConfig
+from paligemma.errors import UsageError
 from paligemma.hub import CheckpointError
 from paligemma.inference import optimize_for_inference
 from paligemma.quantize import QuantizationError, QuantizedLinear, check_available
@@ -145,6 +148,34 @@ def test_float_parts_take_the_requested_dtype(float_checkpoint, mode, tmp_path):
     assert paligemma.load_model(tmp_path, quantize=mode).dtype == torch.bfloat16  # as stored; quantize= matches
 
 
+def test_float16_float_parts_are_upcast_as_in_a_float_checkpoint(tied_checkpoint, tmp_path):
+    half = tmp_path / "half"
+    paligemma.load_model(tied_checkpoint, dtype=torch.float16).save_pretrained(half)
+    quantized_checkpoint.quantize_checkpoint(half, tmp_path / "q", "int8")
+    stored = _saved_tensors(tmp_path / "q")["vision_tower.vision_model.embeddings.patch_embedding.weight"]
+    assert stored.dtype == torch.float16  # the float parts are kept as the source stores them
+    with pytest.warns(UserWarning, match="float weights .*in float16: loading them as float32") as caught:
+        model = paligemma.load_model(tmp_path / "q")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert model.dtype == torch.float32
+    assert torch.equal(model.vision_tower.embeddings.patch_embedding.weight, stored.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: kept, and no warning
+        assert paligemma.load_model(tmp_path / "q", dtype=torch.float16).dtype == torch.float16
+
+
+def test_optimize_false_is_refused_for_a_quantized_checkpoint(complete_checkpoint, tmp_path, capsys):
+    assert _quantize(complete_checkpoint, tmp_path / "q") == 0
+    capsys.readouterr()
+    with pytest.raises(UsageError, match="quantized checkpoint: it loads only quantized .*optimize=False"):
+        paligemma.load_model(tmp_path / "q", optimize=False)
+    for optimize in (None, True):  # None, the default: as stored
+        assert isinstance(paligemma.load_model(tmp_path / "q", optimize=optimize).lm_head, QuantizedLinear)
+    assert cli.main(["generate", "--model", str(tmp_path / "q"), "--image", str(EXAMPLE_IMAGE), "--prompt",
+                     "caption en", "--no-optimize"]) == 2
+    assert "--no-optimize" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- a CPU whose torch packs int4 otherwise
 
 _OTHER_CPU = """
@@ -153,6 +184,7 @@ sys.path.insert(0, {tests!r})
 import paligemma
 from paligemma import quantize
 from paligemma.config import PaliGemmaConfig
+from paligemma.errors import UsageError
 from tiny_models import random_batch
 float_dir, saved_dir, again_dir = sys.argv[1:]
 config = PaliGemmaConfig.from_json_file(float_dir + "/config.json")
