@@ -464,3 +464,12 @@ def test_cli_reports_bad_data_and_unsupported_options(tmp_path, base_dir, capsys
     err = capsys.readouterr().err
     assert code == 2 and "bad.jsonl:1: image" in err  # a user error (docs/cli.md): one line, no traceback
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_limit_heap_growth_sets_glibc_mmap_threshold_once():
+    import platform
+
+    from paligemma.finetune.step import limit_heap_growth
+
+    assert limit_heap_growth() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert limit_heap_growth.cache_info().currsize == 1  # once per process; train_step calls it every step
