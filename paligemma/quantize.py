@@ -205,6 +205,7 @@ def _stacked_rows(weight: Weights) -> tuple[list[torch.Tensor], int, int]:
     return parts, sum(part.shape[0] for part in parts), parts[0].shape[1]
 
 
+@torch.no_grad()  # a weight that requires grad would leave its autograd history on the shared scratch buffer
 def _by_row_blocks(parts: list[torch.Tensor], group_size: int, quantize_block, outputs: list[torch.Tensor],
                    row_dims: list[int]) -> tuple[torch.Tensor, ...]:
     """Fill `outputs` (preallocated; rows along `row_dims`) with quantize_block(rows as float32, group_size)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from paligemma import kernels
-from paligemma.quantize import _int8_block, pack_int4, quantize_int4, unpack_int4
+from paligemma.quantize import _int8_block, pack_int4, quantize_int4, quantize_weights, unpack_int4
 
 KERNEL_LEVELS = [level for level in kernels.supported_levels() if level != "none"]
 
@@ -193,3 +193,13 @@ def test_kernels_split_work_over_threads_with_the_same_results(ops):
             torch.set_num_threads(1)
     for one, many in zip(*results):
         assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_a_weight_that_requires_grad_leaves_no_autograd_history(mode):
+    """The blocks pass through a scratch buffer shared by later calls: a trainable weight's history must not
+    stick to it (it did, and a later QLoRA backward failed with an in-place modification error)."""
+    weight = torch.nn.Parameter(torch.randn(128, 64))
+    quantize_weights(weight, mode, 64)
+    assert kernels.scratch((128, 64), torch.float32).grad_fn is None
+    assert not kernels.scratch((128, 64), torch.float32).requires_grad
