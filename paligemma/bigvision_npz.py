@@ -48,13 +48,13 @@ built by loading.py, as checkpoint_layout.load_weights does.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint_layout import default_dtype
 from .config import PaliGemmaConfig
 from .errors import UsageError
 from .hub import CheckpointError
@@ -184,12 +184,7 @@ def big_vision_to_state_dict(arrays: Mapping[str, np.ndarray], config: PaliGemma
     """
     _check_keys(arrays, config)
     if dtype is None:
-        dtype = majority_dtype(arrays)
-        if dtype == torch.float16:  # as load_weights does for safetensors
-            warnings.warn("the big_vision checkpoint stores float16 weights: loading them as float32, because "
-                          "Gemma's activations overflow float16 (pass dtype=torch.float16 to keep it, or "
-                          "torch.bfloat16 for half the memory)", stacklevel=3)
-            dtype = torch.float32
+        dtype = default_dtype(majority_dtype(arrays), "the big_vision checkpoint stores its weights")
     layers = {"img": config.vision.num_hidden_layers, "llm": config.text.num_hidden_layers}
     # big_vision key -> [(our name, transform, which part of the array)]: each key is read once.
     jobs: dict[str, list[tuple[str, Callable, object]]] = {}

@@ -33,7 +33,6 @@ read on its own.)
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, PaliGemmaConfig
+from .config import ConfigError, PaliGemmaConfig, read_json
 from .errors import UsageError
 from .hub import resolve_checkpoint
 from .images import DEFAULT_MAX_PIXELS, ImageInput, ImageProcessor
@@ -215,11 +214,9 @@ def load_processor(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Pr
     if not preprocessor_file.is_file():
         return Processor(tokenizer, ImageProcessor(height=size, width=size, max_pixels=max_pixels),
                          config.num_image_tokens)
+    raw = read_json(preprocessor_file)
     try:
-        raw = json.loads(preprocessor_file.read_text(encoding="utf-8"))
         image_processor = ImageProcessor.from_preprocessor_config(raw, max_pixels=max_pixels)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{preprocessor_file} is not valid JSON: {err}") from None
     except (ValueError, TypeError) as err:  # a setting ImageProcessor cannot take, named in the message
         raise ConfigError(f"{err} (in {preprocessor_file})") from None
     if (image_processor.height, image_processor.width) != (size, size):

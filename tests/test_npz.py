@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -124,6 +125,18 @@ def test_npz_loads_to_the_same_model_as_the_hf_checkpoint(tmp_path, hf_checkpoin
     logits = _logits(from_npz, config)
     assert logits.abs().max() > 0.1
     torch.testing.assert_close(logits, _logits(from_hf, config), rtol=0, atol=0)
+
+
+def test_float16_file_loads_as_float32_with_a_warning_unless_asked(tmp_path, hf_checkpoints):
+    config, directory, reference = hf_checkpoints["gemma2-gqa-window6"]
+    tree = _big_vision_tree(reference.state_dict(), config)
+    np.savez(tmp_path / "f16.npz", **{k: v.astype(np.float16) for k, v in tree.items()})
+    with pytest.warns(UserWarning, match="big_vision checkpoint stores its weights in float16: loading them as "
+                                         "float32"):
+        assert load_model(tmp_path / "f16.npz", config=config).dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_model(tmp_path / "f16.npz", config=config, dtype=torch.float16).dtype == torch.float16
 
 
 def test_bfloat16_unscanned_and_prefixed_files_read_the_same(tmp_path, hf_checkpoints):
