@@ -40,6 +40,7 @@ from .data_import.yolo import IMAGE_SUFFIXES
 from .errors import PaliGemmaError, UsageError
 from .generation import generate_detailed
 from .images import load_image
+from .progress import progress_bar
 from .segmentation import parse_segmentations
 from .tasks import parse_detections, prompt_task
 
@@ -267,7 +268,8 @@ def run_batch(model, processor, rows: Sequence[BatchRow], out: Path, batch_size:
     done = completed_ids(out)  # other ranks may already be appending theirs: only this shard's rows count
     mine = [row for row in rows if shard.owns(row)]
     todo = [row for row in mine if row.id not in done]
-    bar = _progress_bar(progress and shard.rank == 0, len(todo), shard)
+    bar = progress_bar(progress and shard.rank == 0, len(todo), "img",
+                       "answering" if shard.world_size == 1 else f"rank 0 of {shard.world_size}")
     answered = errors = 0
     try:
         for first in range(0, len(todo), batch_size):
@@ -343,12 +345,3 @@ def _parsed(prompt: str, result, size: tuple[int, int], codec) -> dict:
     return {}
 
 
-def _progress_bar(enabled: bool, total: int, shard: Shard):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    desc = "answering" if shard.world_size == 1 else f"rank 0 of {shard.world_size}"
-    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)

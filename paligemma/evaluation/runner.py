@@ -16,6 +16,7 @@ from typing import Sequence
 
 from ..generation import generate_detailed
 from ..images import load_image
+from ..progress import progress_bar
 from .scoring import check_references, score_answers
 
 # Extra tokens allowed past the longest reference answer, so a too-long answer is seen as wrong
@@ -46,7 +47,7 @@ def evaluate_examples(model, processor, examples: Sequence, task: str, batch_siz
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(processor, references)
     max_pixels = processor.image_processor.max_pixels
-    bar = _progress_bar(progress, len(examples))
+    bar = progress_bar(progress, len(examples), "row", "answering")
     answers, finish_reasons, sizes, spans = [], [], [], []
     try:
         for first in range(0, len(examples), batch_size):
@@ -70,11 +71,3 @@ def evaluate_examples(model, processor, examples: Sequence, task: str, batch_siz
     return EvalResult(task, scores.metrics, records)
 
 
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="row", desc="answering", dynamic_ncols=True)

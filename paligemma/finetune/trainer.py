@@ -29,6 +29,7 @@ import torch
 
 from ..errors import UsageError
 from ..model import PaliGemma
+from ..progress import progress_bar
 from . import checkpoint as ckpt
 from . import lora
 from .data import DataError, MicroBatchSampler, TrainingCollator, as_dataset, usable_examples
@@ -180,7 +181,7 @@ def train(model: PaliGemma, processor, train_data, config: TrainConfig, eval_dat
     trainable, _ = count_trainable(model)
     if env.is_main:
         write_config(out, asdict(config))
-    bar = _progress_bar(config.progress and env.is_main, total_steps, start_step)
+    bar = progress_bar(config.progress and env.is_main, total_steps, "step", initial=start_step)
     summary = TrainSummary(steps=start_step, losses=[], final_loss=None, out_dir=str(out),
                            trainable_parameters=trainable)
     step_samples = config.batch_size * config.grad_accum
@@ -303,12 +304,4 @@ def _evaluate(model, processor, eval_set, config: TrainConfig, env: DistEnv, log
     return result
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
