@@ -5,8 +5,10 @@
 #   2. the demo model's multi-class stage (paligemma/demo_model/README.md), trained on the GPU from the
 #      bundled model for as many steps as TRAIN_SECONDS allows (a 40-step calibration run picks the
 #      count, a multiple of 250, at most MAX_STEPS), concurrently with 1;
-#   3. bench_inference.py --device cuda on PaliGemma 1 3B bf16, ours against transformers, after 2 has
-#      finished (so that nothing else uses the GPU while it is timed).
+#   3. `paligemma demo-eval --device cuda` of the trained weights and of the bundled model (the model
+#      card's 500 held-out scenes), after 2;
+#   4. bench_inference.py --device cuda on PaliGemma 1 3B bf16, ours against transformers, last (so that
+#      nothing else uses the GPU while it is timed).
 # To $OUT (at most 8 files come back, 16 MiB each): progress.log, logs.tar.gz (every log, re-packed after
 # each phase), bench.md, and the trained weights split into 12 MiB parts with their sha256.
 # Run from the repository root: bash benchmarks/device_check.sh
@@ -64,8 +66,18 @@ if [ -n "$latest" ]; then
 fi
 cp /tmp/demo7/metrics.jsonl "$L/train_metrics.jsonl" 2>/dev/null
 pack
+# the trained weights and the bundled model scored on the GPU, 500 held-out scenes each (the model card's table)
+if [ -n "$latest" ]; then
+    timeout 240 python3 -m paligemma demo-eval --model "$latest" --device "$DEVICE" --json \
+        >"$L/eval_trained.json" 2>"$L/eval_trained.err"
+    log "demo-eval of $latest rc $?"
+    pack
+fi
+timeout 240 python3 -m paligemma demo-eval --device "$DEVICE" --json >"$L/eval_bundled.json" 2>"$L/eval_bundled.err"
+log "demo-eval of the bundled model rc $?"
+pack
 
-# --- 3. inference benchmark on the GPU, alone
+# --- 4. inference benchmark on the GPU, alone
 if [ "$BENCH" = 1 ]; then
     timeout 240 python3 benchmarks/bench_inference.py --device cuda --models pg1 --dtypes bf16 --quantize '' \
         --repeats 1 --inner 3 --batch8 bf16 --threads 8 --new-tokens 128 --json-out "$L/bench.json" \

@@ -9,6 +9,7 @@ without native bf16. Run it alone on a GPU machine: `python -m pytest tests/test
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 
 import pytest
@@ -18,6 +19,7 @@ from tiny_models import random_batch, tiny_config, write_complete_checkpoint, wr
 
 import paligemma
 from paligemma.attention_mask import prefix_lm_mask
+from paligemma.cli import main
 from paligemma.cli_common import load, parse_device
 from paligemma.finetune import step as step_module
 from paligemma.finetune.distributed import process_device
@@ -125,6 +127,17 @@ def test_the_attention_mask_stays_finite_in_every_compute_dtype():
         for compute in (torch.bfloat16, torch.float16 if dtype == torch.float16 else torch.bfloat16):
             assert torch.isfinite(mask.to(compute)).all(), (dtype, compute)
         assert mask.min() < -1e4  # still a mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_demo_eval_on_the_device_scores_as_on_the_cpu(device, capsys):
+    """`paligemma demo-eval --device`: the bundled model's answers, hence its scores, are the CPU's."""
+    arguments = ["demo-eval", "--scenes", "3", "--batch-size", "8", "--json"]
+    scores = []
+    for where in ("cpu", device):
+        assert main(arguments + ["--device", where]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[1] == scores[0] and scores[0]["detection_recall"] > 0
 
 
 def test_auto_is_cuda_when_there_is_one():

@@ -7,12 +7,21 @@ import json
 import sys
 import time
 
-from ..cli_common import add_mask_codec_argument, add_model_arguments, checkpoint_dir, load, mask_codec_path
+from ..cli_common import (
+    add_device_argument,
+    add_mask_codec_argument,
+    add_model_arguments,
+    checkpoint_dir,
+    load,
+    mask_codec_path,
+    parse_device,
+)
 from ..errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, inference_options=False)
+    add_device_argument(parser)
     parser.add_argument("--scenes", type=int, default=500, help="number of held-out scenes (default 500)")
     parser.add_argument("--seed0", type=int, default=None, help="first scene seed (default: the held-out range)")
     parser.add_argument("--batch-size", type=int, default=64, help="answers generated together (default 64)")
@@ -31,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scenes < 1 or args.batch_size < 1:
         raise UsageError(f"--scenes and --batch-size must be >= 1, got {args.scenes} and {args.batch_size}")
     directory = checkpoint_dir(args.model)
-    model, processor, codec = load(directory, args.dtype, mask_codec=args.mask_codec)
+    model, processor, codec = load(directory, args.dtype, parse_device(args.device), mask_codec=args.mask_codec)
     if args.no_segmentation:
         codec = None
     started = time.perf_counter()
