@@ -92,8 +92,10 @@ def worker(model_name: str, base: str, steps: int, rank: int) -> dict:
             "trainable": sum(p.numel() for p in params)}
 
 
-def run_one(model_name: str, base: str, isa: str, steps: int, rank: int) -> dict:
+def run_one(model_name: str, base: str, isa: str, steps: int, rank: int, threads: int | None = None) -> dict:
     env = dict(os.environ, **isa_environment(None if isa == "native" else isa))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the worker
     cmd = [sys.executable, __file__, "--worker", model_name, base, str(steps), str(rank)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -108,6 +110,9 @@ def main() -> None:
     parser.add_argument("--isa", default="native,avx2", help="comma-separated: native and/or avx2, none")
     parser.add_argument("--steps", type=int, default=3, help="steps per run; the first is a warm-up")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: torch's, one per core); 1 measures CPU seconds "
+                             "free of other jobs' contention, which slows every parallel op's thread barrier")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -118,7 +123,7 @@ def main() -> None:
     for isa in args.isa.split(","):
         for name in args.models.split(","):
             for base in args.bases.split(","):
-                row = run_one(name, base, isa, args.steps, args.rank)
+                row = run_one(name, base, isa, args.steps, args.rank, args.threads)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print("\n| model | base | ISA | peak RSS (GiB) | s/step | CPU s/step | load (s) |\n|---|---|---|---|---|---|---|")
