@@ -1,11 +1,26 @@
 #!/bin/sh
 # One LoRA step (rank 8, batch 1, 224 px image + 32 tokens, gradient checkpointing) on random-weight PaliGemma 3B.
 # Run from anywhere; one configuration at a time (each in its own worker process). Check `free -g` first:
-# the float32 rows need ~14 GiB.
+# the float32 rows need ~13 GiB. The machine (2 cores, 24 GB) was shared with other jobs: CPU seconds and
+# peak RSS are the figures to read; wall seconds depend on the others' load.
 cd "$(dirname "$0")/../../.."
-# Run on 2026-12-04 (pg1-native.log), on a machine shared with other jobs:
-python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16 --isa native --steps 3
-# Not run yet (session time; memory held by other jobs):
-# python benchmarks/bench_finetune.py --models pg1 --bases float32 --isa native --steps 3
-# python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2
-# python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa native,avx2 --steps 2
+R=benchmarks/results/2026-12-04-finetune
+
+# Round 1, at 5656c80 (full (B, T, V) logits, int4 quantized on 2 threads, glibc's default malloc threshold):
+#   python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16 --isa native --steps 3  # pg1-native.log
+
+# Round 2, intermediate (kept for the record; superseded by round 3):
+#   at 3c85937 (logits of the labelled positions only; int4 quantized on one thread):
+#   python benchmarks/bench_finetune.py --models pg1 --bases float32 --isa native --steps 2            # pg1-float32-native.log
+#   python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16 --isa native --steps 2 # pg1-native-after.log
+#   at cf00067 (train_step sets glibc's mmap threshold, then 4 MiB):
+#   python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa native --steps 2  # pg1-native-r3.log
+#   python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2    # pg1-avx2.log
+#   python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa native --steps 2  # pg2-native.log
+#   python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2    # pg2-avx2.log
+
+# Round 3, at b48bac7 (mmap threshold 1 MiB): the table in BENCHMARKS.md.
+python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa native --steps 3 > $R/pg1-native-final.log
+python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 3 > $R/pg1-avx2-final.log
+python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa native --steps 2 > $R/pg2-native-final.log
+python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2 > $R/pg2-avx2-final.log
