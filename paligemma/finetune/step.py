@@ -52,19 +52,20 @@ def _say_float32_once() -> None:
 
 @functools.cache
 def limit_heap_growth() -> bool:
-    """glibc only, once per process: blocks of 1 MiB or more get their own memory maps, handed back when freed.
+    """glibc only, once per process: blocks of 2 MiB or more get their own memory maps, handed back when freed.
 
     glibc's default threshold rises to the largest block freed so far (up to 32 MiB); a step's
     activations (a 3B decoder layer's (288, 2048) to (288, 16384) tensors) then come from the heap,
     where freed blocks stay resident behind long-lived ones: peak RSS grew by ~40 MiB per decoder
-    layer, +0.8 to 1.1 GiB for a 3B step (BENCHMARKS.md, "Fine-tuning memory"). 4 MiB still let the
-    (288, 2304) float32 activations of PaliGemma 2 pile up; 1 MiB cost no measurable time. Returns
-    whether the setting was made.
+    layer, +0.8 to 1.1 GiB for a 3B step (BENCHMARKS.md, "Fine-tuning memory"). Measured on a
+    PaliGemma 2 int4 step at AVX2: 4 MiB still let its (288, 2304) float32 activations pile up (4.43
+    GiB peak), 1 MiB also mapped the ~1 MiB products of the dequantized blocks afresh each time (80
+    CPU s against 63); 2 MiB: 3.84 GiB, 63 s. Returns whether the setting was made.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        return ctypes.CDLL(None).mallopt(-3, 1 << 20) == 1  # M_MMAP_THRESHOLD; a fixed value stops the rise
+        return ctypes.CDLL(None).mallopt(-3, 2 << 20) == 1  # M_MMAP_THRESHOLD; a fixed value stops the rise
     except (OSError, AttributeError):
         return False
 
