@@ -59,8 +59,8 @@ def limit_heap_growth() -> bool:
     where freed blocks stay resident behind long-lived ones: peak RSS grew by ~40 MiB per decoder
     layer, +0.8 to 1.1 GiB for a 3B step (BENCHMARKS.md, "Fine-tuning memory"). Measured on a
     PaliGemma 2 int4 step at AVX2: 4 MiB still let its (288, 2304) float32 activations pile up (4.43
-    GiB peak), 1 MiB also mapped the ~1 MiB products of the dequantized blocks afresh each time (80
-    CPU s against 63); 2 MiB: 3.84 GiB, 63 s. Returns whether the setting was made.
+    GiB peak), 1 MiB cost 80 CPU s against 63 (presumably mapping the ~1 MiB products of
+    the dequantized blocks afresh each time); 2 MiB: 3.84 GiB, 63 s. Returns whether the setting was made.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

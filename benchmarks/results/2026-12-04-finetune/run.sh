@@ -19,8 +19,17 @@ R=benchmarks/results/2026-12-04-finetune
 #   python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa native --steps 2  # pg2-native.log
 #   python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2    # pg2-avx2.log
 
-# Round 3, at b48bac7 (mmap threshold 1 MiB): the table in BENCHMARKS.md.
+# Round 3, at b48bac7 (mmap threshold 1 MiB); the first pass of the last command stopped after 3 rows:
 python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa native --steps 3 > $R/pg1-native-final.log
 python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 3 > $R/pg1-avx2-final.log
 python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa native --steps 2 > $R/pg2-native-final.log
 python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2 > $R/pg2-avx2-final.log
+# Round 3, repeats of pg2 at avx2 (the float32 row's process was killed from outside in the first pass):
+python benchmarks/bench_finetune.py --models pg2 --bases float32,int8 --isa avx2 --steps 2 > $R/pg2-avx2-final-b.log
+python benchmarks/bench_finetune.py --models pg2 --bases int4,int8 --isa avx2 --steps 2 > $R/pg2-avx2-final-c.log
+
+# Round 4, at 95b3ed6 (mmap threshold 2 MiB, the code as committed), as far as the session's time went:
+python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2 > $R/pg2-avx2-2mib.log
+python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa native --steps 2 > $R/pg1-native-2mib.log
+python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2 > $R/pg1-avx2-2mib.log
+python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa native --steps 2 > $R/pg2-native-2mib.log
