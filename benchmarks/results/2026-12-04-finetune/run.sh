@@ -33,3 +33,5 @@ python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,floa
 python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa native --steps 2 > $R/pg1-native-2mib.log
 python benchmarks/bench_finetune.py --models pg1 --bases int4,int8,bfloat16,float32 --isa avx2 --steps 2 > $R/pg1-avx2-2mib.log
 python benchmarks/bench_finetune.py --models pg2 --bases int4,int8,bfloat16,float32 --isa native --steps 2 > $R/pg2-native-2mib.log
+# One thread (no contention between torch's threads), pg1 at avx2, at 95b3ed6:
+python benchmarks/bench_finetune.py --models pg1 --bases float32,int4,bfloat16 --isa avx2 --steps 2 --threads 1 > $R/pg1-avx2-1thread.log
