@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import paligemma
@@ -22,6 +23,7 @@ from paligemma.finetune import (
     set_trainable,
     train,
 )
+from paligemma.finetune.distributed import shutdown_distributed
 from paligemma.finetune.schedule import lr_at
 from paligemma.finetune.step import count_targets, train_step
 
@@ -473,3 +475,13 @@ def test_limit_heap_growth_sets_glibc_mmap_threshold_once():
 
     assert limit_heap_growth() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     assert limit_heap_growth.cache_info().currsize == 1  # once per process; train_step calls it every step
+
+
+def test_shutdown_distributed_leaves_the_group_and_is_a_no_op_without_one():
+    """`paligemma finetune` leaves its process group before exiting (a gloo group left to the interpreter's
+    exit made a finished rank abort now and then); without a group it does nothing."""
+    shutdown_distributed()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown_distributed()
+    assert not dist.is_initialized()
