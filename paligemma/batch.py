@@ -243,7 +243,11 @@ def join_processes() -> Shard:
 
 
 def leave_processes() -> None:
-    if dist.is_initialized():
+    """Leave the process group, if one was joined (`paligemma batch` and `paligemma finetune` both, before
+    exiting). A process that exits still in its group leaves the teardown to the interpreter's exit, where
+    gloo's worker threads can still be running: the process then aborts now and then ("terminate called
+    without an active exception"), failing a finished run."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import paligemma
+from paligemma.batch import leave_processes
 from paligemma.finetune import (
     Collator,
     DataError,
@@ -23,7 +24,6 @@ from paligemma.finetune import (
     set_trainable,
     train,
 )
-from paligemma.finetune.distributed import shutdown_distributed
 from paligemma.finetune.schedule import lr_at
 from paligemma.finetune.step import count_targets, train_step
 
@@ -477,11 +477,11 @@ def test_limit_heap_growth_sets_glibc_mmap_threshold_once():
     assert limit_heap_growth.cache_info().currsize == 1  # once per process; train_step calls it every step
 
 
-def test_shutdown_distributed_leaves_the_group_and_is_a_no_op_without_one():
+def test_leave_processes_leaves_the_group_and_is_a_no_op_without_one():
     """`paligemma finetune` leaves its process group before exiting (a gloo group left to the interpreter's
     exit made a finished rank abort now and then); without a group it does nothing."""
-    shutdown_distributed()
+    leave_processes()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     assert dist.is_initialized()
-    shutdown_distributed()
+    leave_processes()
     assert not dist.is_initialized()

@@ -72,14 +72,6 @@ def init_distributed(backend: str | None = None, device: str | torch.device = "c
     return DistEnv(world_size=dist.get_world_size(), rank=dist.get_rank())
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group, if one was joined. A process that exits still in its group leaves the
-    teardown to the interpreter's exit, where gloo's worker threads can still be running: the process then
-    aborts now and then ("terminate called without an active exception"), failing a finished run."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _comm_device() -> torch.device:
     """Where collective tensors must live: the current GPU for nccl, the CPU for gloo."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
