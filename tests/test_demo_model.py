@@ -15,8 +15,10 @@ from paligemma.cli_common import DEMO_MASK_CODEC, DEMO_MODEL_DIR, EXAMPLE_IMAGE
 from paligemma.demo import evaluate
 from paligemma.demo.evaluate import evaluate_demo
 from paligemma.demo.recipe import EVAL_SEED0
-from paligemma.demo.scenes import SHAPES, caption, generate_scene, scene_examples
+from paligemma.demo.scenes import SHAPES, caption, generate_scene, matching_objects, scene_examples
 from paligemma.generation import GenerationResult
+from paligemma.metrics import detection_matches
+from paligemma.tasks import prompt_labels
 
 EXAMPLE_SEED = 1_000_005_024
 PROMPTS = ["caption en", "detect circle", "detect square", "answer en how many circles are there?",
@@ -51,17 +53,57 @@ def test_answers_fixed_held_out_questions(demo):
     assert answers == [caption(example), "red", "1", "2", "0", caption(single)]
 
 
+MULTICLASS_PROMPTS = ["detect triangle ; circle", "detect circle ; triangle", "detect square ; circle ; triangle"]
+
+
+def _example_detections(demo, prompt: str):
+    """The demo model's boxes for `prompt` on the README's example image (a purple circle, a red
+    triangle, a green circle), matched to the true objects: the same label, IoU >= 0.5, one to one,
+    in any order (the answer lists objects left to right, and the triangle's and the green circle's
+    centres are 0.5 px apart); and matched by IoU alone, whatever their labels."""
+    model, processor = demo
+    scene = generate_scene(EXAMPLE_SEED)
+    answer = paligemma.generate(model, processor, [scene.image], [prompt])[0]
+    found = paligemma.parse_detections(answer, (scene.size, scene.size))
+    assert found.errors == [], answer
+    truth = [(o.shape, o.box) for o in matching_objects(scene, prompt_labels(prompt))]
+    unlabelled = detection_matches([[("object", d.box) for d in found.objects]],
+                                   [[("object", box) for _, box in truth]], iou=0.5)
+    return answer, detection_matches([found.objects], [truth], iou=0.5), unlabelled
+
+
+@pytest.mark.parametrize("prompt", MULTICLASS_PROMPTS)
+def test_multiclass_detect_on_the_example_boxes_every_object(demo, prompt):
+    """One well-placed box per object, two of the three with the right label (the bundled model
+    labels the green circle "triangle": the next test)."""
+    answer, counts, unlabelled = _example_detections(demo, prompt)
+    assert unlabelled.matched == unlabelled.ground_truth == unlabelled.predicted == 3, answer
+    assert counts.matched >= 2, answer
+
+
+@pytest.mark.xfail(strict=True, reason="issue 19 item 7, not reached: the green circle is labelled 'triangle'")
+@pytest.mark.parametrize("prompt", MULTICLASS_PROMPTS)
+def test_multiclass_detect_on_the_example_labels_every_object(demo, prompt):
+    """Issue 19's target: every object found with its own label. Strict: a model that gets there
+    fails this marker, so whoever bundles it removes the marker."""
+    answer, counts, _ = _example_detections(demo, prompt)
+    assert counts.matched == 3, answer
+
+
 def test_scores_on_fixed_held_out_scenes(demo):
     """A regression check on 24 scenes, well below the 500-scene figures of the model card."""
     model, processor = demo
-    scores = evaluate_demo(model, processor, num_scenes=24, seed0=EVAL_SEED0 + 20_000)
-    # On these 24 scenes the shipped model scores recall 98%, counting 99%, colour 100%, captions 79%.
+    scores = evaluate_demo(model, processor, num_scenes=24, seed0=EVAL_SEED0 + 20_000, multiclass=True)
+    # On these 24 scenes the shipped model scores recall 100%, counting 100%, colour 100%, captions 88%,
+    # multi-class recall 75%, precision 77%.
     assert scores.detection_recall >= 0.85
     assert scores.counting_accuracy >= 0.85
     assert scores.color_accuracy >= 0.85
     assert scores.caption_exact_match >= 0.6
     assert scores.absent_shape_empty >= 0.9
     assert scores.malformed_detect_answers == 0
+    assert scores.multiclass.detection_recall >= 0.5 and scores.multiclass.detection_precision >= 0.5
+    assert scores.multiclass.malformed_detect_answers == 0
     assert all(0.0 <= ap <= 1.0 for ap in (scores.detection_map, scores.detection_map50, scores.detection_map75))
 
 
