@@ -40,6 +40,7 @@ from .data_import.yolo import IMAGE_SUFFIXES
 from .errors import PaliGemmaError, UsageError
 from .generation import generate_detailed
 from .images import load_image
+from .process_group import join_process_group
 from .progress import progress_bar
 from .segmentation import parse_segmentations
 from .tasks import parse_detections, prompt_task
@@ -234,21 +235,7 @@ class Shard:
 
 def join_processes() -> Shard:
     """This process's shard: torchrun's RANK / WORLD_SIZE (joining a gloo process group), else one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Shard()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return Shard(dist.get_rank(), dist.get_world_size())
-
-
-def leave_processes() -> None:
-    """Leave the process group, if one was joined (`paligemma batch` and `paligemma finetune` both, before
-    exiting). A process that exits still in its group leaves the teardown to the interpreter's exit, where
-    gloo's worker threads can still be running: the process then aborts now and then ("terminate called
-    without an active exception"), failing a finished run."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return Shard(*join_process_group("gloo"))
 
 
 def _sum_over_ranks(values: list[int], shard: Shard) -> list[int]:

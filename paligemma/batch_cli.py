@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .batch import check_output, folder_rows, join_processes, leave_processes, read_jsonl_rows, run_batch
+    from .batch import check_output, folder_rows, join_processes, read_jsonl_rows, run_batch
+    from .process_group import leave_process_group
 
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_new_tokens, codec=codec, shard=shard,
                             progress=not args.no_progress and sys.stderr.isatty())
     finally:
-        leave_processes()
+        leave_process_group()
     if shard.rank == 0:
         done = summary.answered + summary.errors
         print(f"{out}: {summary.rows} rows ({summary.skipped} done before, {summary.answered} answered, "

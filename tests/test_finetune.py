@@ -11,7 +11,6 @@ import torch.distributed as dist
 from PIL import Image
 
 import paligemma
-from paligemma.batch import leave_processes
 from paligemma.finetune import (
     Collator,
     DataError,
@@ -26,6 +25,7 @@ from paligemma.finetune import (
 )
 from paligemma.finetune.schedule import lr_at
 from paligemma.finetune.step import count_targets, train_step
+from paligemma.process_group import leave_process_group
 
 COLORS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30),
           "purple": (140, 30, 160), "orange": (250, 140, 20), "black": (5, 5, 5), "white": (250, 250, 250)}
@@ -477,11 +477,11 @@ def test_limit_heap_growth_sets_glibc_mmap_threshold_once():
     assert limit_heap_growth.cache_info().currsize == 1  # once per process; train_step calls it every step
 
 
-def test_leave_processes_leaves_the_group_and_is_a_no_op_without_one():
+def test_leave_process_group_leaves_the_group_and_is_a_no_op_without_one():
     """`paligemma finetune` leaves its process group before exiting (a gloo group left to the interpreter's
     exit made a finished rank abort now and then); without a group it does nothing."""
-    leave_processes()
+    leave_process_group()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     assert dist.is_initialized()
-    leave_processes()
+    leave_process_group()
     assert not dist.is_initialized()

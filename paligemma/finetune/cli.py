@@ -113,7 +113,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Train as the arguments say; prints a JSON summary (rank 0). User errors raise PaliGemmaError."""
-    from ..batch import leave_processes
+    from ..process_group import leave_process_group
     from .distributed import init_distributed, process_device
     from .trainer import train
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         model, processor, codec = load(directory, args.dtype, device)
         summary = train(model, processor, args.data, config, eval_data=args.eval_data, mask_codec=codec)
     finally:
-        leave_processes()
+        leave_process_group()
     if env.is_main:
         report = {"steps": summary.steps, "final_loss": summary.final_loss, "final_dir": summary.final_dir,
                   "trainable_parameters": summary.trainable_parameters, "elapsed_s": round(summary.elapsed, 2)}

@@ -1,7 +1,7 @@
 """Process-group plumbing for data-parallel training (DDP or FSDP2), from torchrun's env vars.
 
-`torchrun --nproc_per_node N` sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a
-plain `python` run has none of them and is a world of one, with every helper a no-op. The backend
+A plain `python` run is a world of one, with every helper a no-op (`paligemma.process_group` joins and
+leaves torchrun's group; under torchrun each process is rank RANK of WORLD_SIZE). The backend
 is what torchrun users expect: nccl when training on CUDA (each process on GPU LOCAL_RANK, the
 collectives' tensors moved there and back), gloo on the CPU.
 
@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import UsageError
+from ..process_group import join_process_group
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,13 @@ def process_device(device: str | torch.device = "cpu") -> torch.device:
 def init_distributed(backend: str | None = None, device: str | torch.device = "cpu") -> DistEnv:
     """Join the process group described by the environment (once); a world of one without it. The
     backend defaults to nccl for a CUDA `device`, gloo otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistEnv()
-    if not dist.is_initialized():
-        device = process_device(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"))
-    return DistEnv(world_size=dist.get_world_size(), rank=dist.get_rank())
+    device = process_device(device)
+    if device.type == "cuda" and not dist.is_initialized():
+        torch.cuda.set_device(device)
+    rank, world_size = join_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return DistEnv(world_size=world_size, rank=rank)
 
 
 def _comm_device() -> torch.device:
