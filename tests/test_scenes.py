@@ -401,3 +401,39 @@ def test_multiclass_mix(random_codec):
         sample_example(7, mix={"segment_multi": 1.0})
     assert [sample_example(seed, codec=random_codec, mix={"detect_multi": 1.0})[1:] for seed in range(5)] == \
         [sample_example(seed, mix={"detect_multi": 1.0})[1:] for seed in range(5)]
+
+
+def test_side_by_side_shapes():
+    """Different shapes whose box centres are less than SIDE_BY_SIDE_FRAC of the width apart in x count;
+    the same shape so placed, or shapes further apart, do not."""
+    def scene(*objects):
+        drawn = [scenes.SceneObject(shape, "red", box, np.zeros((224, 224), bool)) for shape, box in objects]
+        return scenes.Scene(Image.new("RGB", (224, 224)), drawn)
+
+    above = ("circle", (150, 20, 200, 70))
+    assert scenes.side_by_side_shapes(scene(above, ("triangle", (155, 150, 194, 190))))  # centres 0.5 px apart
+    assert not scenes.side_by_side_shapes(scene(above, ("circle", (155, 150, 194, 190))))
+    assert not scenes.side_by_side_shapes(scene(above, ("triangle", (100, 150, 130, 190))))  # 60 px apart
+    assert not scenes.side_by_side_shapes(scene(above))
+
+
+def test_side_by_side_swaps_only_multiclass_scenes(random_codec):
+    """`sample_example(side_by_side=1)` gives multi-class examples a scene with side-by-side shapes (when one
+    of SIDE_BY_SIDE_TRIES candidates has them) and leaves every other example as it was."""
+    mix, swapped, multiclass = scenes.MULTICLASS_TASK_MIX, 0, 0
+    for seed in range(150):
+        plain = sample_example(seed, codec=random_codec, mix=mix)
+        image, prefix, suffix = sample_example(seed, codec=random_codec, mix=mix, side_by_side=1.0)
+        if prefix.split(" ; ")[0] == prefix:  # one label: not a multi-class example
+            assert (image.tobytes(), prefix, suffix) == (plain[0].tobytes(), *plain[1:])
+            continue
+        multiclass += 1
+        candidates = [generate_scene(scenes.SIDE_BY_SIDE_SEED0 + scenes.SIDE_BY_SIDE_TRIES * seed + k)
+                      for k in range(scenes.SIDE_BY_SIDE_TRIES)]
+        chosen = next((c for c in candidates if scenes.side_by_side_shapes(c)), generate_scene(seed))
+        assert image.tobytes() == chosen.image.tobytes()
+        assert (prefix, suffix) in scene_examples(chosen, random_codec, multiclass=True)
+        swapped += scenes.side_by_side_shapes(chosen)
+    assert multiclass > 20 and swapped > 0.8 * multiclass
+    assert [sample_example(seed, codec=random_codec, mix=mix, side_by_side=0.0)[1:] for seed in range(20)] == \
+        [sample_example(seed, codec=random_codec, mix=mix)[1:] for seed in range(20)]

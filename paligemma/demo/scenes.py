@@ -135,6 +135,12 @@ ALL_TASKS = TASKS + ("segment", "detect_multi", "segment_multi")
 # Streams of randomness derived from one seed: the scene and the choice of task are independent.
 _SCENE_STREAM = 0
 _TASK_STREAM = 1
+_SIDE_BY_SIDE_STREAM = 3  # whether a multi-class example swaps its scene (`sample_example(side_by_side=...)`)
+
+# Multi-class examples may be given scenes with different shapes one above the other (`side_by_side_shapes`).
+SIDE_BY_SIDE_FRAC = 20 / 224  # box centres closer than this (of the image width) in x
+SIDE_BY_SIDE_SEED0 = 2 * 10**9  # the swapped-in scenes' seeds: far from training (0...) and evaluation (10**9...)
+SIDE_BY_SIDE_TRIES = 8
 
 
 @dataclass
@@ -372,22 +378,32 @@ def _task_mix(codec: MaskCodec | None, mix: Mapping[str, float] | None) -> Mappi
     return mix
 
 
+def _choose_task(r: float, mix: Mapping[str, float]) -> str:
+    """The task a uniform draw `r` in [0, 1) falls on: the mix's tasks take consecutive shares of [0, 1)."""
+    cumulative = 0.0
+    for name, share in mix.items():
+        cumulative += share
+        if r < cumulative:
+            return name
+    return list(mix)[-1]
+
+
+def side_by_side_shapes(scene: Scene) -> bool:
+    """Whether two objects of different shapes have box centres less than SIDE_BY_SIDE_FRAC of the image
+    apart in x (one above the other, roughly): in a multi-class answer their order hangs on a few
+    pixels, and the model must read each box's label off the image, not off its place in the list."""
+    limit = SIDE_BY_SIDE_FRAC * scene.size
+    centres = [((o.box[0] + o.box[2]) / 2, o.shape) for o in scene.objects]
+    return any(a != b and abs(x - y) < limit for (x, a), (y, b) in itertools.combinations(centres, 2))
+
+
 def sample_task(scene: Scene, rng: np.random.Generator, codec: MaskCodec | None = None,
                 mix: Mapping[str, float] | None = None) -> tuple[str, str, str]:
     """Draw one (task, prefix, suffix) for `scene` following `mix` (default: TASK_MIX, or
     SEGMENT_TASK_MIX when a mask codec is given; see the module docstring). Tasks are tried in the
     mix's order against one uniform draw, and a task draws more numbers only once chosen, so the
     default mixes reproduce the original sampler exactly."""
-    mix = _task_mix(codec, mix)
-    r = rng.random()
-    cumulative = 0.0
-    task = list(mix)[-1]
-    for name, share in mix.items():
-        cumulative += share
-        if r < cumulative:
-            task = name
-            break
-
+    task = _choose_task(rng.random(), _task_mix(codec, mix))
     present = [s for s in SHAPES if count(scene, s) > 0]
     if task == "color" and not unique_shapes(scene):
         task = "count"
@@ -417,13 +433,25 @@ def sample_task(scene: Scene, rng: np.random.Generator, codec: MaskCodec | None 
 
 
 def sample_example(seed: int, size: int = 224, codec: MaskCodec | None = None,
-                   mix: Mapping[str, float] | None = None) -> tuple[Image.Image, str, str]:
+                   mix: Mapping[str, float] | None = None, side_by_side: float = 0.0) -> tuple[Image.Image, str, str]:
     """One training example for `seed`: the image of `generate_scene(seed, size)` and a
     (prefix, suffix) drawn from the task mix with a random stream independent of the scene's.
     Without `codec` and `mix` this is the original demo data, unchanged; with a codec the mix
-    defaults to SEGMENT_TASK_MIX."""
+    defaults to SEGMENT_TASK_MIX.
+
+    `side_by_side` (0..1) is the share of multi-class examples whose scene is swapped for one with
+    `side_by_side_shapes` (the first of scenes SIDE_BY_SIDE_SEED0 + SIDE_BY_SIDE_TRIES * seed + k,
+    k < SIDE_BY_SIDE_TRIES, that has them; the scene is kept when none has): about 24% of scenes have
+    such a pair, the ones whose boxes the stage 7 model labelled worst. 0 changes nothing."""
     scene = generate_scene(seed, size)
-    _, prefix, suffix = sample_task(scene, np.random.default_rng([_TASK_STREAM, seed]), codec, mix)
+    task_mix = _task_mix(codec, mix)
+    task_rng = np.random.default_rng([_TASK_STREAM, seed])
+    if side_by_side and _choose_task(np.random.default_rng([_TASK_STREAM, seed]).random(), task_mix) \
+            in MULTICLASS_LABELS and np.random.default_rng([_SIDE_BY_SIDE_STREAM, seed]).random() < side_by_side:
+        candidates = (generate_scene(SIDE_BY_SIDE_SEED0 + SIDE_BY_SIDE_TRIES * seed + k, size)
+                      for k in range(SIDE_BY_SIDE_TRIES))
+        scene = next((candidate for candidate in candidates if side_by_side_shapes(candidate)), scene)
+    _, prefix, suffix = sample_task(scene, task_rng, codec, task_mix)
     return scene.image, prefix, suffix
 
 

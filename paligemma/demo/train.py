@@ -24,16 +24,16 @@ from .scenes import MULTICLASS_TASK_MIX, sample_example
 
 
 class SceneDataset(FinetuneDataset):
-    """`length` examples drawn by `sample_example(seed0 + i, codec=codec, mix=mix)`, each made when it is
-    indexed (with a mask codec the default mix includes `segment`: scenes.SEGMENT_TASK_MIX).
+    """`length` examples drawn by `sample_example(seed0 + i, codec=codec, mix=mix, side_by_side=...)`, each
+    made when it is indexed (with a mask codec the default mix includes `segment`: scenes.SEGMENT_TASK_MIX).
 
     A `FinetuneDataset` by its contract, `len` and indexing (what `train` and `evaluate` use), with
     no stored rows."""
 
     def __init__(self, length: int, seed0: int, codec: MaskCodec | None = None,
-                 mix: Mapping[str, float] | None = None):
+                 mix: Mapping[str, float] | None = None, side_by_side: float = 0.0):
         super().__init__(())
-        self.length, self.seed0, self.codec, self.mix = length, seed0, codec, mix
+        self.length, self.seed0, self.codec, self.mix, self.side_by_side = length, seed0, codec, mix, side_by_side
 
     def __len__(self) -> int:
         return self.length
@@ -41,7 +41,8 @@ class SceneDataset(FinetuneDataset):
     def __getitem__(self, index: int) -> Example:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        image, prefix, suffix = sample_example(self.seed0 + index, SCENE_SIZE, codec=self.codec, mix=self.mix)
+        image, prefix, suffix = sample_example(self.seed0 + index, SCENE_SIZE, codec=self.codec, mix=self.mix,
+                                               side_by_side=self.side_by_side)
         return Example(image, prefix, suffix, where=f"scene {self.seed0 + index}")
 
 
@@ -76,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multiclass", action="store_true",
                         help="also multi-class prompts, `detect A ; B [; C]` and `segment A ; B` "
                              "(scenes.MULTICLASS_TASK_MIX); implies --segment")
+    parser.add_argument("--side-by-side", type=float, default=0.0, metavar="SHARE",
+                        help="with --multiclass: this share (0..1) of the multi-class examples get a scene with "
+                             "different shapes one above the other (scenes.side_by_side_shapes; default 0)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.side_by_side <= 1.0 or (args.side_by_side and not args.multiclass):
+        parser.error("--side-by-side takes a share between 0 and 1, and goes with --multiclass")
     args.segment = args.segment or args.multiclass
     mix = MULTICLASS_TASK_MIX if args.multiclass else None
 
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         device=str(parse_device(args.device)), num_workers=args.num_workers,
         freeze=("vision",) if args.freeze_vision else (), extra_files=extra_files,
     )
-    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0 + args.first_scene, codec, mix)
+    train_data = SceneDataset(args.steps * args.batch_size, TRAIN_SEED0 + args.first_scene, codec, mix,
+                              args.side_by_side)
     # A small exact-match probe during training; the real scores come from `paligemma demo-eval`.
     eval_data = [sample_example(EVAL_SEED0 + 10**6 + i, SCENE_SIZE, codec=codec, mix=mix) for i in range(64)]
     summary = train(model, processor, train_data, config, eval_data=eval_data)
