@@ -75,7 +75,9 @@ once. `MULTICLASS_TASK_MIX` (needs a codec; `python -m paligemma.demo.train --mu
 18%, detect 20%, count 10%, colour 7%, segment 18%, multi-class detect 15% (2 or 3 labels) and
 multi-class segment 12% (2 labels); the labels are distinct shapes in random order, so absent shapes
 are asked about as often as chance gives. The older mixes draw exactly the examples they drew before
-(tests/test_scenes.py pins them).
+(tests/test_scenes.py pins them). `sample_example(..., side_by_side=share)` (`--side-by-side`) gives
+that share of the multi-class examples a scene where two different shapes sit one above the other
+(`side_by_side_shapes`), the scenes whose labels a model trained on the plain mix gets wrong most.
 """
 
 from __future__ import annotations
