@@ -445,11 +445,12 @@ def sample_example(seed: int, size: int = 224, codec: MaskCodec | None = None,
     `side_by_side_shapes` (the first of scenes SIDE_BY_SIDE_SEED0 + SIDE_BY_SIDE_TRIES * seed + k,
     k < SIDE_BY_SIDE_TRIES, that has them; the scene is kept when none has): about 24% of scenes have
     such a pair, the ones whose boxes the stage 7 model labelled worst. 0 changes nothing."""
-    scene = generate_scene(seed, size)
     task_mix = _task_mix(codec, mix)
     task_rng = np.random.default_rng([_TASK_STREAM, seed])
-    if side_by_side and _choose_task(np.random.default_rng([_TASK_STREAM, seed]).random(), task_mix) \
-            in MULTICLASS_LABELS and np.random.default_rng([_SIDE_BY_SIDE_STREAM, seed]).random() < side_by_side:
+    task = _choose_task(np.random.default_rng([_TASK_STREAM, seed]).random(), task_mix)  # what sample_task draws
+    swap = task in MULTICLASS_LABELS and np.random.default_rng([_SIDE_BY_SIDE_STREAM, seed]).random() < side_by_side
+    scene = generate_scene(seed, size)
+    if swap:
         candidates = (generate_scene(SIDE_BY_SIDE_SEED0 + SIDE_BY_SIDE_TRIES * seed + k, size)
                       for k in range(SIDE_BY_SIDE_TRIES))
         scene = next((candidate for candidate in candidates if side_by_side_shapes(candidate)), scene)
