@@ -6,7 +6,7 @@ Asks the prompts of `paligemma demo-eval`'s multi-class score (`evaluate_multicl
 one `detect A ; B` and one `detect A ; B ; C`, labels in an order drawn from the scene's seed) and sorts
 every predicted box: "right" (IoU >= 0.5 with an asked object of its label), "mislabelled" (IoU >= 0.5
 with an asked object of another shape), or "misplaced" (no asked object). The true objects that have an
-object of another asked shape side by side with them (`scenes.side_by_side_shapes`: box centres less
+object of another asked shape side by side with them (`scenes.side_by_side_flags`: box centres less
 than 20 px apart in x, so their order in the answer hangs on a few pixels) are counted apart, with
 how often their box got the wrong label. Prints one JSON line; the figures are in the demo model card.
 """
@@ -18,14 +18,10 @@ from collections import Counter
 from paligemma.cli_common import load
 from paligemma.demo.evaluate import multiclass_labels
 from paligemma.demo.recipe import EVAL_SEED0, SCENE_SIZE
-from paligemma.demo.scenes import SIDE_BY_SIDE_FRAC, detect_prompt, generate_scene, matching_objects
+from paligemma.demo.scenes import detect_prompt, generate_scene, matching_objects, side_by_side_flags
 from paligemma.generation import generate
 from paligemma.metrics import box_iou
 from paligemma.tasks import parse_detections
-
-
-def centre_x(box) -> float:
-    return (box[0] + box[2]) / 2
 
 
 def count_errors(model, processor, num_scenes: int, batch_size: int = 64) -> Counter:
@@ -41,9 +37,7 @@ def count_errors(model, processor, num_scenes: int, batch_size: int = 64) -> Cou
                            [detect_prompt(labels) for _, labels in chunk], max_new_tokens=64)
         for (scene, labels), answer in zip(chunk, answers):
             truth = matching_objects(scene, labels)
-            limit = SIDE_BY_SIDE_FRAC * scene.size
-            beside = [any(other.shape != t.shape and abs(centre_x(other.box) - centre_x(t.box)) < limit
-                          for other in truth) for t in truth]
+            beside = side_by_side_flags(truth, scene.size)
             counts["true objects"] += len(truth)
             counts["side-by-side objects"] += sum(beside)
             for found in parse_detections(answer, (SCENE_SIZE, SCENE_SIZE)).objects:

@@ -11,10 +11,15 @@ import os
 import torch.distributed as dist
 
 
+def torchrun_world_size() -> int:
+    """How many processes torchrun started (WORLD_SIZE); 1 outside torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join_process_group(backend: str = "gloo") -> tuple[int, int]:
     """(rank, world_size) of this process: joins the group torchrun describes (once, with `backend`),
     or (0, 1) outside torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if torchrun_world_size() <= 1:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)

@@ -415,6 +415,8 @@ def test_side_by_side_shapes():
     assert not scenes.side_by_side_shapes(scene(above, ("circle", (155, 150, 194, 190))))
     assert not scenes.side_by_side_shapes(scene(above, ("triangle", (100, 150, 130, 190))))  # 60 px apart
     assert not scenes.side_by_side_shapes(scene(above))
+    beside = scene(above, ("triangle", (155, 150, 194, 190)), ("square", (10, 10, 40, 40)))
+    assert scenes.side_by_side_flags(beside.objects, beside.size) == [True, True, False]
 
 
 def test_side_by_side_swaps_only_multiclass_scenes(random_codec):

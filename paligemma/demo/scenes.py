@@ -390,13 +390,19 @@ def _choose_task(r: float, mix: Mapping[str, float]) -> str:
     return list(mix)[-1]
 
 
+def side_by_side_flags(objects: Sequence[SceneObject], size: int) -> list[bool]:
+    """For each object, whether one of another shape has its box centre less than SIDE_BY_SIDE_FRAC of the
+    image (`size` px wide) away in x (one above the other, roughly): in a multi-class answer their order
+    hangs on a few pixels, and the model must read each box's label off the image, not off its place in
+    the list."""
+    limit = SIDE_BY_SIDE_FRAC * size
+    return [any(other.shape != o.shape and abs(other.center[0] - o.center[0]) < limit for other in objects)
+            for o in objects]
+
+
 def side_by_side_shapes(scene: Scene) -> bool:
-    """Whether two objects of different shapes have box centres less than SIDE_BY_SIDE_FRAC of the image
-    apart in x (one above the other, roughly): in a multi-class answer their order hangs on a few
-    pixels, and the model must read each box's label off the image, not off its place in the list."""
-    limit = SIDE_BY_SIDE_FRAC * scene.size
-    centres = [((o.box[0] + o.box[2]) / 2, o.shape) for o in scene.objects]
-    return any(a != b and abs(x - y) < limit for (x, a), (y, b) in itertools.combinations(centres, 2))
+    """Whether the scene has two objects of different shapes side by side (`side_by_side_flags`)."""
+    return any(side_by_side_flags(scene.objects, scene.size))
 
 
 def sample_task(scene: Scene, rng: np.random.Generator, codec: MaskCodec | None = None,
@@ -446,16 +452,20 @@ def sample_example(seed: int, size: int = 224, codec: MaskCodec | None = None,
     k < SIDE_BY_SIDE_TRIES, that has them; the scene is kept when none has): about 24% of scenes have
     such a pair, the ones whose boxes the stage 7 model labelled worst. 0 changes nothing."""
     task_mix = _task_mix(codec, mix)
-    task_rng = np.random.default_rng([_TASK_STREAM, seed])
-    task = _choose_task(np.random.default_rng([_TASK_STREAM, seed]).random(), task_mix)  # what sample_task draws
-    swap = task in MULTICLASS_LABELS and np.random.default_rng([_SIDE_BY_SIDE_STREAM, seed]).random() < side_by_side
     scene = generate_scene(seed, size)
-    if swap:
+    if side_by_side and _swaps_scene(seed, task_mix, side_by_side):
         candidates = (generate_scene(SIDE_BY_SIDE_SEED0 + SIDE_BY_SIDE_TRIES * seed + k, size)
                       for k in range(SIDE_BY_SIDE_TRIES))
         scene = next((candidate for candidate in candidates if side_by_side_shapes(candidate)), scene)
-    _, prefix, suffix = sample_task(scene, task_rng, codec, task_mix)
+    _, prefix, suffix = sample_task(scene, np.random.default_rng([_TASK_STREAM, seed]), codec, task_mix)
     return scene.image, prefix, suffix
+
+
+def _swaps_scene(seed: int, mix: Mapping[str, float], side_by_side: float) -> bool:
+    """Whether example `seed` is a multi-class one (the task its task stream draws first, as sample_task
+    will) that the side-by-side stream picks for a swapped scene, with probability `side_by_side`."""
+    task = _choose_task(np.random.default_rng([_TASK_STREAM, seed]).random(), mix)
+    return task in MULTICLASS_LABELS and np.random.default_rng([_SIDE_BY_SIDE_STREAM, seed]).random() < side_by_side
 
 
 # --------------------------------------------------------------------------------------------

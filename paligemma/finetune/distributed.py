@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import UsageError
-from ..process_group import join_process_group
+from ..process_group import join_process_group, torchrun_world_size
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def process_device(device: str | torch.device = "cpu") -> torch.device:
 def init_distributed(backend: str | None = None, device: str | torch.device = "cpu") -> DistEnv:
     """Join the process group described by the environment (once); a world of one without it. The
     backend defaults to nccl for a CUDA `device`, gloo otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if torchrun_world_size() <= 1:
         return DistEnv()
     device = process_device(device)
     if device.type == "cuda" and not dist.is_initialized():
