@@ -1,5 +1,6 @@
 """The bundled demo model: it loads, answers held-out scenes, and transformers agrees with it."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -41,8 +42,30 @@ def test_example_image_is_the_documented_scene():
         assert image.convert("RGB").tobytes() == generate_scene(EXAMPLE_SEED).image.tobytes()
 
 
+def captions_up_to_ties(scene, within_px: float = 1.0) -> set[str]:
+    """caption(scene), and each caption with two neighbours swapped whose box centres are less than
+    `within_px` apart in x. The canonical order is left to right by box centre, then top first, so
+    there it hangs on a sub-pixel difference that a 224-pixel image does not show."""
+    objects = scene.objects
+    captions = {caption(scene)}
+    for i in range(len(objects) - 1):
+        if abs(objects[i].center[0] - objects[i + 1].center[0]) < within_px:
+            swapped = objects[:i] + [objects[i + 1], objects[i]] + objects[i + 2:]
+            captions.add(caption(dataclasses.replace(scene, objects=swapped)))
+    return captions
+
+
+def test_the_example_caption_has_one_sub_pixel_tie():
+    """The README example's red triangle and green circle have box centres 175.0 and 174.5 px from the
+    left: the canonical caption lists the triangle first, and the top-first reading is accepted too."""
+    assert captions_up_to_ties(generate_scene(EXAMPLE_SEED)) == {
+        "a purple circle, a red triangle and a green circle", "a purple circle, a green circle and a red triangle"}
+    assert captions_up_to_ties(generate_scene(EVAL_SEED0 + 30_000)) == {caption(generate_scene(EVAL_SEED0 + 30_000))}
+
+
 def test_answers_fixed_held_out_questions(demo):
-    """Questions the shipped model gets right (it is not perfect: see the scores in its model card)."""
+    """Questions the shipped model gets right (it is not perfect: see the scores in its model card).
+    The example's caption may order its two tied objects either way (captions_up_to_ties)."""
     model, processor = demo
     example, single = generate_scene(EXAMPLE_SEED), generate_scene(EVAL_SEED0 + 30_000)
     answers = paligemma.generate(
@@ -50,7 +73,8 @@ def test_answers_fixed_held_out_questions(demo):
         ["caption en", "answer en what color is the triangle?", "answer en how many triangles are there?",
          "answer en how many circles are there?", "answer en how many squares are there?", "caption en"],
         max_new_tokens=24)
-    assert answers == [caption(example), "red", "1", "2", "0", caption(single)]
+    assert answers[0] in captions_up_to_ties(example), answers[0]
+    assert answers[1:] == ["red", "1", "2", "0", caption(single)]
 
 
 MULTICLASS_PROMPTS = ["detect triangle ; circle", "detect circle ; triangle", "detect square ; circle ; triangle"]
@@ -74,18 +98,15 @@ def _example_detections(demo, prompt: str):
 
 @pytest.mark.parametrize("prompt", MULTICLASS_PROMPTS)
 def test_multiclass_detect_on_the_example_boxes_every_object(demo, prompt):
-    """One well-placed box per object, two of the three with the right label (the bundled model
-    labels the green circle "triangle": the next test)."""
+    """One well-placed box per object, whatever its label (the next test checks the labels)."""
     answer, counts, unlabelled = _example_detections(demo, prompt)
     assert unlabelled.matched == unlabelled.ground_truth == unlabelled.predicted == 3, answer
-    assert counts.matched >= 2, answer
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 item 7, not reached: the green circle is labelled 'triangle'")
 @pytest.mark.parametrize("prompt", MULTICLASS_PROMPTS)
 def test_multiclass_detect_on_the_example_labels_every_object(demo, prompt):
-    """Issue 19's target: every object found with its own label. Strict: a model that gets there
-    fails this marker, so whoever bundles it removes the marker."""
+    """Issue 19's target: every object found with its own label, the green circle included (one above
+    the triangle: the hardest case for the model, see experiments/multiclass_errors.py)."""
     answer, counts, _ = _example_detections(demo, prompt)
     assert counts.matched == 3, answer
 
@@ -94,8 +115,8 @@ def test_scores_on_fixed_held_out_scenes(demo):
     """A regression check on 24 scenes, well below the 500-scene figures of the model card."""
     model, processor = demo
     scores = evaluate_demo(model, processor, num_scenes=24, seed0=EVAL_SEED0 + 20_000, multiclass=True)
-    # On these 24 scenes the shipped model scores recall 100%, counting 100%, colour 100%, captions 88%,
-    # multi-class recall 75%, precision 77%.
+    # On these 24 scenes the shipped model scores recall 94%, counting 100%, colour 100%, captions 83%,
+    # multi-class recall 77%, precision 78%.
     assert scores.detection_recall >= 0.85
     assert scores.counting_accuracy >= 0.85
     assert scores.color_accuracy >= 0.85
