@@ -56,7 +56,7 @@ def captions_up_to_ties(scene, within_px: float = 1.0) -> set[str]:
 
 
 def test_the_example_caption_has_one_sub_pixel_tie():
-    """The README example's red triangle and green circle have box centres 175.0 and 174.5 px from the
+    """The README example's red triangle and green circle have box centres 174.5 and 175.0 px from the
     left: the canonical caption lists the triangle first, and the top-first reading is accepted too."""
     assert captions_up_to_ties(generate_scene(EXAMPLE_SEED)) == {
         "a purple circle, a red triangle and a green circle", "a purple circle, a green circle and a red triangle"}
