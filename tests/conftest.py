@@ -12,6 +12,12 @@ import torch
 from tiny_models import hub_preprocessor_config, tiny_paligemma_config, write_complete_checkpoint
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-doc-outputs", action="store_true",
+                     help="tests/test_tour.py: rewrite each ```text block of docs/*.md that no longer matches what its "
+                          "block prints, instead of failing (after replacing the demo model; review the diff)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """The test models are tiny: one thread runs them fastest, and on a shared 2-core machine several

@@ -13,6 +13,11 @@ A ```text block right after a run block is what that block prints, and is checke
 `...` matches anything, a decimal or a percentage matches within one unit of its last written
 digit (37% is 36-38%, 0.033 is 0.032-0.034), and any other whole number exactly, so the outputs shown
 hold on any CPU without hiding a real change.
+
+When the model the pages run on changes (a new bundled demo model), `python -m pytest tests/test_tour.py
+--update-doc-outputs` rewrites every ```text block that no longer matches with what its block prints now,
+keeping the lines that still match as written (their `...` and rounding); then read the diff, and the
+prose around it, which no test checks.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Block(NamedTuple):
     code: str
     not_run: str | None  # the reason given by a `<!-- not run: ... -->` marker
     output: str | None  # the ```text block right after it: what it prints
+    output_line: int | None  # that block's opening fence, 1-based
 
 
 def python_blocks(path: Path) -> list[Block]:
@@ -55,12 +61,12 @@ def python_blocks(path: Path) -> list[Block]:
         previous = next((lines[i].strip() for i in range(start - 1, -1, -1) if lines[i].strip()), "")
         marker = NOT_RUN.match(previous)
         after = next((i for i in range(end + 1, len(lines)) if lines[i].strip()), None)
-        output = None
+        output = output_line = None
         if after is not None and lines[after].strip() == "```text":
             output_end = _closing_fence(lines, after, path)
-            output = "\n".join(lines[after + 1:output_end]) + "\n"
+            output, output_line = "\n".join(lines[after + 1:output_end]) + "\n", after + 1
         blocks.append(Block(start + 1, "\n".join(lines[start + 1:end]) + "\n", marker.group(1) if marker else None,
-                            output))
+                            output, output_line))
         index = end + 1
     return blocks
 
@@ -88,13 +94,23 @@ def line_matches(expected: str, actual: str) -> bool:
     return True
 
 
-def run_blocks(path: Path) -> int:
+def updated_output(expected: list[str], actual: list[str]) -> list[str]:
+    """The lines a ```text block should show now: where the line counts agree, each line that still
+    matches stays as written (its `...`, its rounding) and the others become what was printed; otherwise
+    all of what was printed."""
+    if len(expected) != len(actual):
+        return actual
+    return [shown if line_matches(shown, printed) else printed for shown, printed in zip(expected, actual)]
+
+
+def run_blocks(path: Path, update: bool = False) -> int:
     """Run the runnable blocks of `path` in order in one namespace, checking the outputs they show, and
-    compile the others; returns how many ran."""
+    compile the others; returns how many ran. With `update`, an output that does not match is rewritten
+    in the file (updated_output) instead of failing."""
     namespace = {"__name__": f"docs_{path.stem}"}
-    ran = 0
+    ran, rewrites = 0, []
     for block in python_blocks(path):
-        where = f"{path.relative_to(ROOT)} (block at line {block.line})"
+        where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} (block at line {block.line})"
         compiled = compile(block.code, where, "exec")
         if block.not_run is not None:
             continue
@@ -104,17 +120,24 @@ def run_blocks(path: Path) -> int:
         ran += 1
         if block.output is not None:
             expected, actual = block.output.splitlines(), printed.getvalue().splitlines()
-            assert len(expected) == len(actual) and all(map(line_matches, expected, actual)), \
-                f"{where} printed:\n{printed.getvalue()}\nbut the page shows:\n{block.output}"
+            if len(expected) == len(actual) and all(map(line_matches, expected, actual)):
+                continue
+            assert update, f"{where} printed:\n{printed.getvalue()}\nbut the page shows:\n{block.output}"
+            rewrites.append((block.output_line, len(expected), updated_output(expected, actual)))
+    if rewrites:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for fence, old_length, new in reversed(rewrites):  # from the end, so earlier line numbers hold
+            lines[fence:fence + old_length] = new
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return ran
 
 
-def test_every_tour_block_runs_and_prints_what_the_page_shows(monkeypatch, tmp_path):
+def test_every_tour_block_runs_and_prints_what_the_page_shows(monkeypatch, tmp_path, request):
     monkeypatch.chdir(tmp_path)  # nothing a block writes lands in the repository
     blocks = python_blocks(TOUR)
     assert [block.line for block in blocks if block.not_run is not None] == [], "the tour skips no block"
     assert sum(block.output is not None for block in blocks) >= len(blocks) - 2, "most blocks show their output"
-    assert run_blocks(TOUR) == len(blocks)
+    assert run_blocks(TOUR, update=request.config.getoption("--update-doc-outputs")) == len(blocks)
 
 
 def test_every_tour_section_has_an_experiment():
@@ -146,16 +169,29 @@ def test_quoted_measurements_are_in_benchmarks_md():
 
 
 @pytest.mark.parametrize("path", sorted(p for p in DOCS.glob("*.md") if p != TOUR), ids=lambda p: p.name)
-def test_other_docs_blocks_run_or_say_why(path, monkeypatch, tmp_path):
+def test_other_docs_blocks_run_or_say_why(path, monkeypatch, tmp_path, request):
     monkeypatch.chdir(tmp_path)
-    run_blocks(path)
+    run_blocks(path, update=request.config.getoption("--update-doc-outputs"))
 
 
 def test_block_extraction_sees_markers_and_outputs(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("text\n```python\nx = 1\n```\n\n```text\n1\n```\n<!-- not run: needs a server -->\n"
                     "```python\nimport nope\n```\n```bash\nls\n```\n", encoding="utf-8")
-    assert python_blocks(page) == [(2, "x = 1\n", None, "1\n"), (10, "import nope\n", "needs a server", None)]
+    assert python_blocks(page) == [(2, "x = 1\n", None, "1\n", 6), (10, "import nope\n", "needs a server", None, None)]
+
+
+def test_update_rewrites_only_the_outputs_that_changed(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```python\nprint('took 5 ms'); print(0.5)\n```\n\n```text\ntook ... ms\n0.7\n```\n"
+                    "```python\nprint(1); print(2)\n```\n```text\n1\n```\nend\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="but the page shows"):
+        run_blocks(page)
+    assert run_blocks(page, update=True) == 2
+    assert page.read_text(encoding="utf-8") == ("```python\nprint('took 5 ms'); print(0.5)\n```\n\n```text\n"
+                                                "took ... ms\n0.5\n```\n```python\nprint(1); print(2)\n```\n"
+                                                "```text\n1\n2\n```\nend\n")
+    assert run_blocks(page) == 2
 
 
 @pytest.mark.parametrize("expected, actual, same", [
