@@ -5,9 +5,9 @@
 Asks a model (the bundled demo model by default) `detect {shape}` for each shape on held-out
 shapes-world scenes (seeds from 1,000,050,000 by default: away from `paligemma demo-eval`'s first
 scenes), greedily, and scores every box as `paligemma generate --json` does (the product of the
-probabilities of its four `<loc>` tokens and its label tokens). A box is right when its IoU with a
-true object of the asked shape is at least 0.5, each object taken by the first such box of the
-answer; every other box is wrong. Prints the count, range and median score of each kind and a JSON
+probabilities of its four `<loc>` tokens and its label tokens). A box is right when it is matched
+to a true object of the asked shape at IoU >= 0.5, one to one as `paligemma demo-eval` matches
+(`metrics.greedy_match`); every other box is wrong. Prints the count, range and median score of each kind and a JSON
 summary. The figures are in docs/decoding.md ("Scores for boxes and masks").
 """
 
@@ -19,22 +19,10 @@ from paligemma.cli_common import DEMO_MODEL_DIR, load
 from paligemma.demo.recipe import EVAL_SEED0
 from paligemma.demo.scenes import SHAPES, detect_prompt, generate_scene, matching_objects
 from paligemma.generation import generate_detailed
-from paligemma.metrics import box_iou
+from paligemma.metrics import box_iou, greedy_match
 from paligemma.tasks import parse_detections
 
 IOU = 0.5
-
-
-def right_flags(boxes: list, truth: list) -> list[bool]:
-    """For each box in answer order: does it take a not yet taken true box with IoU >= IOU?"""
-    taken, flags = set(), []
-    for box in boxes:
-        ious = [(box_iou(box, true), i) for i, true in enumerate(truth) if i not in taken]
-        best = max(ious, default=(0.0, None))
-        flags.append(best[0] >= IOU)
-        if best[0] >= IOU:
-            taken.add(best[1])
-    return flags
 
 
 def box_scores(model, processor, num_scenes: int, seed0: int, batch_size: int) -> dict[str, list[float]]:
@@ -48,8 +36,10 @@ def box_scores(model, processor, num_scenes: int, seed0: int, batch_size: int) -
         for (scene, shape), result in zip(chunk, results):
             found = parse_detections(result.text, (scene.size, scene.size), result.token_spans()).objects
             truth = [o.box for o in matching_objects(scene, shape)]
-            for detection, right in zip(found, right_flags([d.box for d in found], truth)):
-                scores["right" if right else "wrong"].append(detection.score)
+            # per answer box: its IoU with the true box matched to it, 0.0 when none is
+            overlaps = greedy_match([d.box for d in found], truth, box_iou, IOU)
+            for detection, overlap in zip(found, overlaps):
+                scores["right" if overlap > 0.0 else "wrong"].append(detection.score)
     return scores
 
 
